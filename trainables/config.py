@@ -1,0 +1,108 @@
+"""The configuration of one trial, validated before anything runs.
+
+Ray Tune hands a trainable a plain dict; :meth:`TrialConfig.from_dict` turns it into a
+typed, frozen config, filling the task's defaults and rejecting bad values with a
+``ValueError`` that names the value and what is accepted. The experiment driver calls
+the same function on every grid point before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tune_alr.policies import check_params
+
+from . import tasks
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+
+
+def _require_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def _require_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial needs. ``None`` fields take the task's default."""
+
+    task: str
+    policy: str
+    seed: int = 0
+    optimizer: str | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    epochs: int | None = None
+    max_steps: int | None = None
+    report_every: int = 50
+    policy_params: Mapping[str, Any] = field(default_factory=dict)
+    optimizer_params: Mapping[str, Any] = field(default_factory=dict)
+    clip_grad: float | None = None
+    probe_size: int = 256
+    data_seed: int = 0
+    limit_train: int | None = None
+    threads: int | None = None
+    max_bad_steps: int = 20
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> TrialConfig:
+        """Validate ``config`` and fill the task's defaults. Raises ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown trial setting(s) {', '.join(map(repr, unknown))}; "
+                f"accepted: {', '.join(sorted(known))}."
+            )
+        for required in ("task", "policy"):
+            if required not in config:
+                raise ValueError(f"a trial config needs {required!r}.")
+        task = tasks.get(config["task"])
+        merged = {**task.defaults, **{k: v for k, v in config.items() if v is not None}}
+        return cls(**merged).validated()
+
+    def validated(self) -> TrialConfig:
+        """Check every field; returns ``self``."""
+        tasks.get(self.task)
+        check_params(self.policy, dict(self.policy_params))
+        _require_int("seed", self.seed, 0)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}."
+            )
+        _require_positive("lr", self.lr)
+        _require_int("batch_size", self.batch_size, 1)
+        _require_int("epochs", self.epochs, 1)
+        if self.max_steps is not None:
+            _require_int("max_steps", self.max_steps, 1)
+        _require_int("report_every", self.report_every, 1)
+        if self.clip_grad is not None:
+            _require_positive("clip_grad", self.clip_grad)
+        _require_int("probe_size", self.probe_size, 1)
+        _require_int("data_seed", self.data_seed, 0)
+        if self.limit_train is not None:
+            _require_int("limit_train", self.limit_train, 1)
+        if self.threads is not None:
+            _require_int("threads", self.threads, 1)
+        _require_int("max_bad_steps", self.max_bad_steps, 1)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (what Ray Tune passes around and MLflow logs as params)."""
+        out = dataclasses.asdict(self)
+        out["policy_params"] = dict(self.policy_params)
+        out["optimizer_params"] = dict(self.optimizer_params)
+        return out

@@ -1,0 +1,278 @@
+"""The one training loop: ``train(config, report)``. It knows nothing of Ray or MLflow.
+
+Every ``report_every`` optimizer steps (and at the end) it evaluates the validation
+split, writes a checkpoint into a temporary folder and calls
+
+    report(metrics: dict, checkpoint_dir: str | None)
+
+The folder is deleted when ``report`` returns, so a ``report`` that wants to keep the
+checkpoint copies it (Ray Tune's ``tune.report`` does). ``resume`` takes the dict that
+:func:`load_checkpoint` returns and continues the run exactly: same step counter, same
+data order, same LR sequence.
+
+The metrics of each report:
+
+* ``step``, ``epoch`` (fractional), ``train_loss`` (mean since the last report),
+  ``val_loss``, ``val_acc``, ``lr`` (after the last step), ``samples_per_s`` (over the
+  window, evaluation included), ``wall_s`` (training wall time, summed over restarts),
+  ``skipped_steps`` (non-finite losses or gradients whose update was skipped);
+* ``lr_trace``: the LR applied at each optimizer step since the last report, and
+  ``lr_trace_start``, the step number of its first entry (steps count from 1);
+* ``policy/<name>``: the policy's own numeric diagnostics (its factor, checks, ...);
+* ``status``: ``"running"``, then ``"finished"`` or ``"diverged"`` in the last report,
+  which also carries ``test_loss``, ``test_acc`` and ``best_val_acc``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tune_alr.policies import Policy, build
+
+from . import tasks
+from .config import TrialConfig
+from .data import Split
+
+Report = Callable[[dict[str, Any], "str | None"], None]
+
+CHECKPOINT_FILE = "checkpoint.pt"
+EVAL_BATCH = 512
+
+
+def make_optimizer(
+    name: str, params: Any, lr: float, extra: Mapping[str, Any]
+) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (sgd, adam, adamw, rmsprop) at ``lr``, with ``extra`` kwargs."""
+    classes: dict[str, type[torch.optim.Optimizer]] = {
+        "sgd": torch.optim.SGD,
+        "adam": torch.optim.Adam,
+        "adamw": torch.optim.AdamW,
+        "rmsprop": torch.optim.RMSprop,
+    }
+    try:
+        return classes[name](params, lr=lr, **extra)
+    except TypeError as err:
+        raise ValueError(f"optimizer {name!r} rejected its parameters {dict(extra)}: {err}") from err
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode, restored after)."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for batch in split.batches(EVAL_BATCH):
+        logits = model(*batch.inputs)
+        total_loss += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == batch.labels).sum())
+    model.train(was_training)
+    n = max(1, len(split))
+    return total_loss / n, correct / n
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The state saved by :func:`train` in ``directory``."""
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CHECKPOINT_FILE} in checkpoint folder {directory}.")
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    return state
+
+
+def _finite_params(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _policy_diagnostics(policy: Policy) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in policy.state_dict().items():
+        if key.startswith("_") or key in ("base_lrs", "last_epoch", "total_steps"):
+            continue
+        if isinstance(value, bool):
+            out[f"policy/{key}"] = float(value)
+        elif isinstance(value, (int, float)) and math.isfinite(value):
+            out[f"policy/{key}"] = float(value)
+    return out
+
+
+def train(
+    config: Mapping[str, Any] | TrialConfig,
+    report: Report,
+    *,
+    resume: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one model under one policy; returns the last metrics reported.
+
+    Args:
+        config: a :class:`TrialConfig` or a dict for :meth:`TrialConfig.from_dict`.
+        report: called as ``report(metrics, checkpoint_dir)`` at each report.
+        resume: a checkpoint from :func:`load_checkpoint` to continue from.
+    """
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    assert cfg.lr is not None and cfg.batch_size is not None and cfg.epochs is not None
+    assert cfg.optimizer is not None
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    task = tasks.get(cfg.task)
+
+    # Seeds are paired across policies: the same seed gives the same initial weights
+    # and the same data order whatever the policy.
+    seed_everything(cfg.seed)
+    data = task.load(cfg)
+    model = task.build_model(data, cfg)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.optimizer_params)
+    n_train = len(data.train)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    def probe() -> float:
+        return evaluate(model, data.probe)[0]
+
+    policy = build(
+        cfg.policy, optimizer, evaluate=probe, total_steps=total_steps, **cfg.policy_params
+    )
+    order = torch.Generator().manual_seed(cfg.seed)
+
+    step, position, wall_s, skipped, bad_run = 0, 0, 0.0, 0, 0
+    permutation: torch.Tensor | None = None
+    best_val_acc = -math.inf
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        # After the optimizer: the policy writes its restored LR into the groups.
+        policy.load_state_dict(resume["policy"])
+        order.set_state(resume["order_rng"])
+        torch.set_rng_state(resume["torch_rng"])
+        random.setstate(resume["python_rng"])
+        np.random.set_state(resume["numpy_rng"])
+        step, position, wall_s = resume["step"], resume["position"], resume["wall_s"]
+        skipped, permutation = resume["skipped"], resume["permutation"]
+        best_val_acc = resume["best_val_acc"]
+
+    model.train()
+    lr_trace: list[float] = []
+    trace_start = step + 1
+    window_loss, window_n, window_samples = 0.0, 0, 0
+    window_t0 = time.perf_counter()
+    status = "running"
+    last: dict[str, Any] = {}
+
+    while status == "running":
+        if step < total_steps:
+            if permutation is None:
+                permutation = torch.randperm(n_train, generator=order)
+            batch = data.train.take(permutation[position : position + cfg.batch_size])
+            position += cfg.batch_size
+            if position >= n_train:
+                permutation, position = None, 0
+
+            logits = model(*batch.inputs)
+            loss = F.cross_entropy(logits, batch.labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # .item() is a sync point on a GPU; the policy needs the value every step.
+            loss_value = loss.item()
+            finite = math.isfinite(loss_value)
+            if finite and cfg.clip_grad is not None:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                finite = bool(torch.isfinite(norm))
+            lr_trace.append(float(optimizer.param_groups[0]["lr"]))
+            if finite:
+                # A non-finite loss or gradient never reaches the weights: skip the update.
+                optimizer.step()
+                bad_run = 0
+                window_loss += loss_value
+                window_n += 1
+            else:
+                skipped += 1
+                bad_run += 1
+            policy.step(loss_value)
+            step += 1
+            window_samples += len(batch)
+
+        at_end = step >= total_steps
+        diverged = bad_run >= cfg.max_bad_steps
+        if not (at_end or diverged or step % cfg.report_every == 0):
+            continue
+
+        val_loss, val_acc = evaluate(model, data.val)
+        if not math.isfinite(val_loss) or not _finite_params(model):
+            diverged = True
+        elapsed = time.perf_counter() - window_t0
+        wall_s += elapsed
+        best_val_acc = max(best_val_acc, val_acc)
+        metrics: dict[str, Any] = {
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            "train_loss": window_loss / window_n if window_n else math.nan,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": float(optimizer.param_groups[0]["lr"]),
+            "samples_per_s": window_samples / elapsed if elapsed > 0 else math.nan,
+            "wall_s": wall_s,
+            "skipped_steps": skipped,
+            "total_steps": total_steps,
+            "lr_trace": lr_trace,
+            "lr_trace_start": trace_start,
+            **_policy_diagnostics(policy),
+        }
+        if diverged or at_end:
+            status = "diverged" if diverged else "finished"
+            test_loss, test_acc = evaluate(model, data.test)
+            metrics.update(test_loss=test_loss, test_acc=test_acc, best_val_acc=best_val_acc)
+        metrics["status"] = status
+
+        # No checkpoint ever holds non-finite weights: a diverged run reports without one.
+        checkpoint_dir = None if diverged else tempfile.mkdtemp(prefix="tune-alr-ckpt-")
+        try:
+            if checkpoint_dir is not None:
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "policy": policy.state_dict(),
+                        "order_rng": order.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "python_rng": random.getstate(),
+                        "numpy_rng": np.random.get_state(),
+                        "step": step,
+                        "position": position,
+                        "permutation": permutation,
+                        "wall_s": wall_s,
+                        "skipped": skipped,
+                        "best_val_acc": best_val_acc,
+                        "config": cfg.to_dict(),
+                    },
+                    Path(checkpoint_dir) / CHECKPOINT_FILE,
+                )
+            report(metrics, checkpoint_dir)
+        finally:
+            if checkpoint_dir is not None:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        last = metrics
+        lr_trace = []
+        trace_start = step + 1
+        window_loss, window_n, window_samples = 0.0, 0, 0
+        window_t0 = time.perf_counter()
+    return last

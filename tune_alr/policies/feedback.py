@@ -1,0 +1,199 @@
+"""Plan 1's performance-feedback policy, and what it needs to fix a mis-set LR.
+
+The plan's rule: every ``interval`` (100) steps, measure the validation loss; if it
+improved by at least ``threshold`` (1%) relative to the previous check, raise the LR by
+``factor`` (10%), otherwise lower it by 10%. Those are this policy's defaults.
+
+As written, that rule moves the LR by at most x0.53..x1.77 in 600 steps (measured in
+the project's DESIGN.md), so it cannot correct a start that is 10x off, and it has no
+answer to a diverging run. On top of it, and each switchable:
+
+* ``accelerate``: consecutive decisions in the same direction compound (the k-th in a
+  row multiplies by ``(1 +/- factor) ** k``, k capped at ``max_streak``), as Rprop does
+  with step sizes; a cut right after a raise also takes that raise back (the "bold
+  driver" retreat), so a run of raises cannot overshoot by more than one step.
+* ``early_interval``: a faster cadence during the first ``early_steps`` steps.
+* ``guard``: a non-finite training loss, or a signal more than ``divergence_ratio``
+  times the previous one, cuts the LR by ``guard_cut`` at once and forbids raising it
+  for ``cooldown`` checks.
+* ``min_factor`` / ``max_factor``: the LR stays within those multiples of its start.
+
+``build("plan1-literal", ...)`` is this policy with all of them off, so both the plan's
+rule and the extended one are measured.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+
+from .base import Evaluate, check_fraction, check_int, check_positive
+from .interval import IntervalPolicy
+
+
+def feedback_decision(
+    previous: float | None,
+    current: float,
+    *,
+    threshold: float,
+    factor: float,
+    streak: int,
+    accelerate: bool,
+    max_streak: int,
+) -> tuple[float, int]:
+    """Plan 1's rule as a pure function: ``(multiplier, new_streak)`` for one check.
+
+    ``streak`` counts consecutive decisions: positive for raises, negative for cuts.
+    The first check (no ``previous``) only records the signal: multiplier 1.
+    """
+    if previous is None:
+        return 1.0, 0
+    improvement = (previous - current) / abs(previous) if previous != 0 else 0.0
+    up = improvement >= threshold
+    if not accelerate:
+        return (1.0 + factor if up else 1.0 - factor), (1 if up else -1)
+    if up:
+        streak = streak + 1 if streak > 0 else 1
+        return (1.0 + factor) ** min(streak, max_streak), streak
+    multiplier = 1.0 - factor
+    if streak > 0:
+        # The last raise did not pay off: take it back as well (the "bold driver" retreat).
+        multiplier /= (1.0 + factor) ** min(streak, max_streak)
+    streak = streak - 1 if streak < 0 else -1
+    return multiplier * (1.0 - factor) ** (min(-streak, max_streak) - 1), streak
+
+
+class Feedback(IntervalPolicy):
+    """Adjust the LR from real-time performance feedback (plan 1).
+
+    Call ``step(loss)`` after every optimizer step. Give ``evaluate`` (a cheap
+    validation-loss probe on a fixed small held-out subset) to follow the plan; without
+    it the policy uses the mean training loss between checks, and says so once.
+
+    Args:
+        interval: steps between checks. Default 100 (plan 1).
+        factor: relative LR change per decision, in (0, 1). Default 0.1 (plan 1: 10%).
+        threshold: relative improvement of the signal that counts as progress.
+            Default 0.01 (plan 1: 1%).
+        accelerate: compound consecutive same-direction decisions. Default True.
+        max_streak: cap on the compounding power. Default 5 (at most x1.61 / x0.59
+            per check).
+        early_interval: check spacing during the first ``early_steps`` steps, or
+            ``None`` for the plan's fixed cadence. Default 25.
+        early_steps: length of the early phase. Default 400.
+        guard: enable the divergence guard. Default True.
+        divergence_ratio: a signal above this multiple of the previous one counts as
+            divergence. Default 2.0.
+        guard_cut: LR multiplier when the guard trips, in (0, 1). Default 0.5.
+        cooldown: checks after a trip during which the LR is not raised. Default 2.
+        min_factor, max_factor: bounds on the LR as multiples of the initial LR.
+            Defaults 1e-3 and 100. Use 0 and ``math.inf`` to disable.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        interval: int = 100,
+        factor: float = 0.1,
+        threshold: float = 0.01,
+        accelerate: bool = True,
+        max_streak: int = 5,
+        early_interval: int | None = 25,
+        early_steps: int = 400,
+        guard: bool = True,
+        divergence_ratio: float = 2.0,
+        guard_cut: float = 0.5,
+        cooldown: int = 2,
+        min_factor: float = 1e-3,
+        max_factor: float = 100.0,
+        total_steps: int | None = None,
+        evaluate: Evaluate | None = None,
+    ) -> None:
+        check_fraction("factor", factor)
+        check_positive("threshold", threshold, allow_zero=True)
+        check_int("max_streak", max_streak)
+        if not (isinstance(divergence_ratio, (int, float)) and divergence_ratio > 1.0):
+            raise ValueError(f"divergence_ratio must be > 1, got {divergence_ratio!r}.")
+        check_fraction("guard_cut", guard_cut)
+        check_int("cooldown", cooldown, minimum=0)
+        check_positive("min_factor", min_factor, allow_zero=True)
+        if not (isinstance(max_factor, (int, float)) and max_factor >= 1.0):
+            raise ValueError(f"max_factor must be >= 1 (or math.inf), got {max_factor!r}.")
+        if min_factor > 1.0:
+            raise ValueError(f"min_factor must be <= 1, got {min_factor!r}.")
+        self.adjust = factor
+        self.threshold = threshold
+        self.accelerate = bool(accelerate)
+        self.max_streak = max_streak
+        self.guard = bool(guard)
+        self.divergence_ratio = float(divergence_ratio)
+        self.guard_cut = guard_cut
+        self.cooldown = cooldown
+        self.min_factor = float(min_factor)
+        self.max_factor = float(max_factor)
+        self.streak = 0
+        self.cooldown_left = 0
+        self.guard_trips = 0
+        self.reference: float | None = None  # the signal of the last sane check
+        super().__init__(
+            optimizer,
+            interval=interval,
+            early_interval=early_interval,
+            early_steps=early_steps if early_interval is not None else 0,
+            total_steps=total_steps,
+            evaluate=evaluate,
+        )
+
+    def _clamp(self, value: float) -> float:
+        return min(self.max_factor, max(self.min_factor, value))
+
+    def _trip(self) -> float:
+        self.guard_trips += 1
+        self.streak = 0
+        self.cooldown_left = self.cooldown
+        return self._clamp(self.factor * self.guard_cut)
+
+    def _on_step(self, loss: float | None) -> float:
+        if self.guard and loss is not None and not math.isfinite(loss):
+            return self._trip()
+        return self.factor
+
+    def _on_check(self, signal: float) -> float:
+        previous = self.reference
+        if self.guard and (
+            not math.isfinite(signal)
+            or (previous is not None and signal > self.divergence_ratio * previous)
+        ):
+            # The reference stays the last sane signal, not the exploded one.
+            return self._trip()
+        if not math.isfinite(signal):
+            return self.factor
+        self.reference = signal
+        multiplier, self.streak = feedback_decision(
+            previous,
+            signal,
+            threshold=self.threshold,
+            factor=self.adjust,
+            streak=self.streak,
+            accelerate=self.accelerate,
+            max_streak=self.max_streak,
+        )
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            multiplier = min(1.0, multiplier)
+        return self._clamp(self.factor * multiplier)
+
+
+def plan1_literal(optimizer: Optimizer, **params: object) -> Feedback:
+    """Plan 1's rule exactly as written: fixed cadence, +-10%, no guard, no bounds."""
+    literal: dict[str, object] = {
+        "accelerate": False,
+        "early_interval": None,
+        "guard": False,
+        "min_factor": 0.0,
+        "max_factor": math.inf,
+    }
+    literal.update(params)
+    return Feedback(optimizer, **literal)  # type: ignore[arg-type]
