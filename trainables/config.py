@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tune_alr.policies import check_params
+import torch
+
+from tune_alr.policies import build
 
 from . import tasks
 
@@ -77,7 +79,9 @@ class TrialConfig:
     def validated(self) -> TrialConfig:
         """Check every field; returns ``self``."""
         tasks.get(self.task)
-        check_params(self.policy, dict(self.policy_params))
+        # Build the policy once on a throw-away optimizer: checks names and values.
+        dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        build(self.policy, dummy, total_steps=self.max_steps or 1000, **dict(self.policy_params))
         _require_int("seed", self.seed, 0)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(

@@ -59,7 +59,7 @@ class StepDecay(Policy):
         evaluate: Evaluate | None = None,
     ) -> None:
         if step_size is None:
-            step_size = max(1, total_steps // 3) if total_steps else 1000
+            step_size = max(1, math.ceil(total_steps / 3)) if total_steps else 1000
         check_int("step_size", step_size)
         check_fraction("gamma", gamma)
         self.step_size = step_size
@@ -95,7 +95,7 @@ class Cyclic(Policy):
         evaluate: Evaluate | None = None,
     ) -> None:
         if half_cycle is None:
-            half_cycle = max(1, total_steps // 4) if total_steps else 2000
+            half_cycle = max(1, math.ceil(total_steps / 4)) if total_steps else 2000
         check_int("half_cycle", half_cycle)
         check_positive("low", low)
         check_positive("high", high)

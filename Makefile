@@ -1,0 +1,52 @@
+# tune-alr: `make demo` and `make test` each set up what they need from a clean clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+SHARED_DATA := $(abspath ../shared/data)
+
+# Tests and the demo never reach the Hugging Face hub, and keep Ray's files local.
+export HF_DATASETS_OFFLINE := 1
+export HF_HUB_OFFLINE := 1
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test lint typecheck check bench constraints clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+## demo: the main job on the embedded digits task; results in results/demo, MLflow in ./mlflow.db
+demo: $(STAMP)
+	$(BIN)/tune-alr demo
+
+## test: the whole suite (uses ../shared/data when it is there)
+test: $(STAMP)
+	@if [ -d "$(SHARED_DATA)" ]; then export TUNE_ALR_DATA_DIR="$(SHARED_DATA)"; fi; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check tune_alr trainables tests benchmarks
+	$(BIN)/ruff format --check tune_alr trainables tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+bench: $(STAMP)
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+## constraints: re-pin every package from the current venv
+constraints: $(STAMP)
+	{ echo "# The tested pins: every package the dev install resolved to (Python 3.11, Linux x86_64)."; \
+	  echo "# Regenerate with: make constraints"; \
+	  $(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/' | sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf results mlflow.db mlartifacts .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,115 @@
+"""A real Ray Tune run into a real sqlite MLflow store, and the CLI around it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import tune_alr
+from tune_alr import cli
+from tune_alr.experiment import Experiment
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished(ray_session: None, tmp_path_factory: pytest.TempPathFactory):
+    """4 tiny trials: 2 policies x 2 seeds, 30 steps each, reports every 10 steps."""
+    root = tmp_path_factory.mktemp("exp")
+    exp = Experiment(
+        name="tiny",
+        tasks=["digits"],
+        policies=["constant", "feedback"],
+        seeds=2,
+        max_steps=30,
+        report_every=10,
+        policy_params={"feedback": {"interval": 5, "early_interval": None}},
+        output=root / "out",
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        verbose=0,
+    )
+    return exp, tune_alr.run(exp)
+
+
+def test_summary_has_one_row_per_task_and_policy(finished) -> None:
+    _, results = finished
+    summary = results.summary()
+    assert sorted(summary["policy"]) == ["constant", "feedback"]
+    assert (summary["seeds"] == 2).all() and (summary["finished"] == 2).all()
+    assert (summary["steps_mean"] == 30).all()
+    assert summary["val_acc_mean"].between(0.0, 1.0).all()
+    for name in ("summary.csv", "summary.md", "trials.csv", "lr_digits.png", "val_digits.png"):
+        assert (results.output_dir / name).is_file(), name
+
+
+def test_mlflow_has_a_parent_and_four_finished_children(finished) -> None:
+    from mlflow.tracking import MlflowClient
+
+    exp, results = finished
+    client = MlflowClient(exp.tracking_uri)
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = client.get_run(results.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.csv"}
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == [
+        "digits/constant/seed0", "digits/constant/seed1",
+        "digits/feedback/seed0", "digits/feedback/seed1",
+    ]  # fmt: skip
+    for run in children:
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "lr")
+        assert sorted(m.step for m in history) == list(range(1, 31))  # one per optimizer step
+        assert "val_acc" in run.data.metrics and "policy/factor" in run.data.metrics
+        assert run.data.params["lr"] == "0.001" and run.data.params["optimizer"] == "adam"
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert artifacts == {"lr_curve.png", "val_curve.png"}
+    feedback = next(r for r in children if r.info.run_name == "digits/feedback/seed0")
+    assert feedback.data.params["policy_params.interval"] == "5"
+
+
+def test_report_rebuilds_the_summary_from_the_folder(finished, tmp_path: Path, capsys) -> None:
+    _, results = finished
+    code = cli.main(["report", str(results.experiment_dir), "--output", str(tmp_path)])
+    assert code == 0
+    assert (tmp_path / "summary.csv").read_text() == (results.output_dir / "summary.csv").read_text()
+    assert "feedback" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["run", "--tasks", "imagenet"], "unknown task 'imagenet'"),
+        (["run", "--policies", "constant,magic"], "unknown policy 'magic'"),
+        (["run", "--optimizer", "adagrad"], "unknown optimizer 'adagrad'"),
+        (["run", "--lr", "-1"], "lr must be a finite number > 0, got -1.0"),
+        (["run", "--batch-size", "0"], "batch_size must be an integer >= 1, got 0"),
+        (["run", "--epochs", "0"], "epochs must be an integer >= 1, got 0"),
+        (["run", "--seeds", "0"], "seeds must be a count >= 1"),
+        (["run", "--tracking-uri", "mlflow.db"], "malformed tracking URI 'mlflow.db'"),
+        (["run", "--policy-param", "feedback.factor=3"], "factor must be in the open interval"),
+        (["run", "--policy-param", "factor=3"], "must look like policy.name=value"),
+        (["run", "--set", "colour=red"], "unknown trial setting(s) 'colour'"),
+        (["run", "--output", "a_file/out"], "is inside a file"),
+        (["report", "/nonexistent/folder"], "does not exist"),
+        (["ui", "--tracking-uri", "nonsense"], "malformed tracking URI"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("keep me")
+    before = sorted(os.listdir(tmp_path))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tune-alr: error: ") and fragment in err and "\n" not in err
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written, Ray never started
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_cli_list(capsys) -> None:
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "digits" in out and "feedback" in out

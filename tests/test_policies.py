@@ -1,0 +1,287 @@
+"""The policies: exact LR traces, bad arguments, exact resume."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from tune_alr.policies import Feedback, available, build, feedback_decision
+
+
+def _optimizer(lr: float = 1.0) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+
+
+def _probe(values: list[float]) -> Callable[[], float]:
+    it: Iterator[float] = iter(values)
+    return lambda: next(it)
+
+
+def _trace(policy: torch.optim.lr_scheduler.LRScheduler, steps: int, losses=None) -> list[float]:
+    out = []
+    for k in range(steps):
+        policy.optimizer.step()
+        policy.step(None if losses is None else losses[k])
+        out.append(policy.get_last_lr()[0])
+    return out
+
+
+def test_available_lists_the_contract_names() -> None:
+    assert {"constant", "step", "cyclic", "cosine", "plateau", "feedback", "plan1-literal"} <= set(
+        available()
+    )
+
+
+C = math.cos(math.pi / 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "expected"),
+    [
+        ("constant", {}, [1, 1, 1, 1, 1]),
+        ("step", {"step_size": 3, "gamma": 0.5}, [1, 1, 0.5, 0.5, 0.5, 0.25, 0.25]),
+        ("cyclic", {"half_cycle": 2, "low": 0.1, "high": 1.0}, [0.55, 1.0, 0.55, 0.1, 0.55]),
+        ("cosine", {"t_max": 4}, [(1 + C) / 2, 0.5, (1 - C) / 2, 0.0, 0.0]),
+        ("cosine", {"t_max": 4, "warmup_steps": 2}, [1.0, 1.0, 0.5, 0.0]),
+    ],
+)
+def test_schedule_traces(name: str, params: dict, expected: list[float]) -> None:
+    policy = build(name, _optimizer(1.0), **params)
+    assert _trace(policy, len(expected)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_initial_lr_is_the_schedule_at_step_zero() -> None:
+    assert build("cyclic", _optimizer(2.0), half_cycle=2, low=0.1).get_last_lr() == [
+        pytest.approx(0.2)
+    ]
+    assert build("cosine", _optimizer(1.0), t_max=10, warmup_steps=4).get_last_lr() == [0.25]
+
+
+def test_step_and_cyclic_size_themselves_from_total_steps() -> None:
+    step = build("step", _optimizer(1.0), total_steps=9)  # decays at 3 and 6: two in the run
+    assert _trace(step, 9) == pytest.approx([1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001])
+    cyclic = build("cyclic", _optimizer(1.0), total_steps=8)  # half cycle of 2 steps
+    assert cyclic.half_cycle == 2
+
+
+def test_plateau_trace() -> None:
+    probe = _probe([1.0, 1.0, 1.0, 0.5, 0.6, 0.7, 0.8])
+    policy = build(
+        "plateau", _optimizer(), evaluate=probe, interval=1, patience=1, decay=0.5, threshold=0.0
+    )
+    assert _trace(policy, 7) == pytest.approx([1, 1, 0.5, 0.5, 0.5, 0.25, 0.25])
+
+
+@pytest.mark.parametrize(
+    ("previous", "current", "streak", "accelerate", "expected"),
+    [
+        (None, 1.0, 0, True, (1.0, 0)),  # first check only records
+        (1.0, 0.98, 0, False, (1.1, 1)),  # 2% better: raise 10%
+        (1.0, 0.995, 0, False, (0.9, -1)),  # 0.5% better: below 1%, lower 10%
+        (1.0, 1.2, 0, False, (0.9, -1)),  # worse: lower
+        (1.0, 0.99, 0, False, (1.1, 1)),  # exactly the threshold counts as progress
+        (1.0, 0.9, 2, True, (1.1**3, 3)),  # third raise in a row compounds
+        (1.0, 0.9, 7, True, (1.1**5, 8)),  # capped at max_streak=5
+        (1.0, 1.0, 3, True, (0.9 / 1.1**3, -1)),  # a cut after raises takes the last raise back
+        (1.0, 1.0, -2, True, (0.9**3, -3)),  # third cut in a row compounds
+        (1.0, 0.9, -3, True, (1.1, 1)),  # a raise after cuts restarts at one step
+        (0.0, 0.0, 0, False, (0.9, -1)),  # a zero signal cannot improve relatively
+    ],
+)
+def test_feedback_decision_table(previous, current, streak, accelerate, expected) -> None:
+    multiplier, new_streak = feedback_decision(
+        previous, current, threshold=0.01, factor=0.1, streak=streak,
+        accelerate=accelerate, max_streak=5,
+    )  # fmt: skip
+    assert (multiplier, new_streak) == (pytest.approx(expected[0]), expected[1])
+
+
+def test_plan1_literal_trace_every_interval() -> None:
+    probe = _probe([1.0, 0.9, 0.895, 0.8, 0.81])
+    policy = build("plan1-literal", _optimizer(), evaluate=probe, interval=2)
+    expected = [1, 1, 1, 1.1, 1.1, 0.99, 0.99, 1.089, 1.089, 0.9801]
+    assert _trace(policy, 10) == pytest.approx(expected)
+
+
+def test_feedback_defaults_are_plan1_settings() -> None:
+    policy = build("feedback", _optimizer(), evaluate=lambda: 1.0)
+    assert (policy.interval, policy.adjust, policy.threshold) == (100, 0.1, 0.01)
+    literal = build("plan1-literal", _optimizer(), evaluate=lambda: 1.0)
+    assert (literal.interval, literal.adjust, literal.threshold) == (100, 0.1, 0.01)
+    assert not literal.guard and not literal.accelerate and literal.early_interval is None
+
+
+def test_feedback_accelerates_retreats_and_guards() -> None:
+    probe = _probe([1.0, 0.9, 0.8, 0.7, 0.75, 2.0, 0.7, 0.6, 0.5])
+    policy = build("feedback", _optimizer(), evaluate=probe, interval=1, early_interval=None)
+    f = [1.0, 1.1, 1.1 * 1.21, 1.1 * 1.21 * 1.331]
+    f.append(f[-1] * 0.9 / 1.331)  # the cut after three raises takes the third back
+    f.append(f[-1] * 0.5)  # 2.0 > 2 x 0.75: the guard halves the LR
+    f.append(f[-1])  # cooldown: a raise is withheld (1 of 2)
+    f.append(f[-1])  # cooldown: withheld (2 of 2)
+    f.append(f[-1] * 1.1**3)  # the streak kept counting: third raise in a row
+    assert _trace(policy, 9) == pytest.approx(f)
+    assert policy.guard_trips == 1
+
+
+def test_feedback_guard_cuts_on_non_finite_loss_and_bounds_hold() -> None:
+    policy = build("feedback", _optimizer(), interval=1000, min_factor=0.2)
+    _trace(policy, 3, losses=[float("nan"), float("inf"), float("nan")])
+    assert policy.get_last_lr() == [pytest.approx(0.2)]  # 0.125 clamped at the floor
+    assert policy.guard_trips == 3
+
+
+def test_feedback_early_cadence() -> None:
+    calls = []
+
+    def probe() -> float:
+        calls.append(policy.last_epoch)
+        return 1.0
+
+    policy = build("feedback", _optimizer(), evaluate=probe, interval=10, early_interval=2,
+                   early_steps=6)  # fmt: skip
+    _trace(policy, 30)
+    assert calls == [2, 4, 6, 16, 26]
+
+
+def test_feedback_without_probe_uses_training_loss_and_says_so_once() -> None:
+    policy = build("plan1-literal", _optimizer(), interval=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # window means: (2+2)/2=2, (1+1)/2=1 (50% better: raise), (1+1)/2=1 (no progress: lower)
+        trace = _trace(policy, 6, losses=[2, 2, 1, 1, 1, 1])
+    assert trace == pytest.approx([1, 1, 1, 1.1, 1.1, 0.99])
+    messages = [str(w.message) for w in caught if "no evaluate probe" in str(w.message)]
+    assert len(messages) == 1
+
+
+def test_feedback_without_any_signal_keeps_the_lr_and_warns() -> None:
+    policy = build("feedback", _optimizer(), interval=1, early_interval=None)
+    with pytest.warns(RuntimeWarning, match="without a loss"):
+        assert _trace(policy, 3) == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "fragment"),
+    [
+        ("nope", {}, "unknown policy 'nope'; available:"),
+        ("feedback", {"intervall": 5}, "has no parameter 'intervall'"),
+        ("feedback", {"interval": 0}, "interval must be an integer >= 1, got 0"),
+        ("feedback", {"interval": 2.5}, "interval must be an integer >= 1, got 2.5"),
+        ("feedback", {"factor": 1.5}, "factor must be in the open interval (0.0, 1.0), got 1.5"),
+        ("feedback", {"factor": 0}, "factor must be in the open interval"),
+        ("feedback", {"threshold": -0.1}, "threshold must be a finite number >= 0, got -0.1"),
+        ("feedback", {"divergence_ratio": 1.0}, "divergence_ratio must be > 1, got 1.0"),
+        ("feedback", {"max_factor": 0.5}, "max_factor must be >= 1"),
+        ("feedback", {"min_factor": 2.0}, "min_factor must be <= 1, got 2.0"),
+        ("feedback", {"guard_cut": 1.0}, "guard_cut must be in the open interval"),
+        ("step", {"gamma": 1.0}, "gamma must be in the open interval (0.0, 1.0), got 1.0"),
+        ("step", {"step_size": 0}, "step_size must be an integer >= 1, got 0"),
+        ("cyclic", {"low": 0.5, "high": 0.4}, "high must be greater than low=0.5, got 0.4"),
+        ("cyclic", {"low": -1.0}, "low must be a finite number > 0, got -1.0"),
+        ("cosine", {}, "cosine needs the run length"),
+        ("cosine", {"t_max": 10, "min_factor": 1.0}, "min_factor must be in [0, 1), got 1.0"),
+        ("plateau", {"patience": -1}, "patience must be an integer >= 0, got -1"),
+        ("plateau", {"decay": 2.0}, "decay must be in the open interval (0.0, 1.0), got 2.0"),
+        ("constant", {"total_steps": 0}, "total_steps must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_arguments_raise_value_error(name: str, params: dict, fragment: str) -> None:
+    with pytest.raises(ValueError) as err:
+        build(name, _optimizer(), **params)
+    assert fragment in str(err.value)
+
+
+def test_bad_evaluate_and_optimizer() -> None:
+    with pytest.raises(ValueError, match="evaluate must be a zero-argument callable"):
+        build("feedback", _optimizer(), evaluate=3.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        build("constant", "sgd")  # type: ignore[arg-type]
+
+
+# -- exact resume -------------------------------------------------------------------
+
+
+def _problem(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 5, generator=g)
+    y = x @ torch.randn(5, 1, generator=g) + 0.1 * torch.randn(256, 1, generator=g)
+    return x, y
+
+
+def _run(name: str, steps: int, params: dict, state=None, start: int = 0):
+    """``steps`` steps of minibatch SGD on a linear model under ``name``: LR trace, state."""
+    x, y = _problem()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def probe() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(model(x[:64]), y[:64]))
+
+    policy = build(name, optimizer, evaluate=probe, total_steps=60, **params)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        policy.load_state_dict(state["policy"])
+    trace = []
+    for k in range(start, start + steps):
+        idx = torch.arange(k * 16, k * 16 + 16) % 256
+        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        policy.step(loss.item())
+        trace.append(policy.get_last_lr()[0])
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "policy": policy.state_dict()}  # fmt: skip
+    return trace, saved
+
+
+@pytest.mark.parametrize("name", available())
+def test_exact_resume(name: str) -> None:
+    """N steps, save, load into fresh objects, M more: the trace of one unbroken run."""
+    interval = name in ("feedback", "plan1-literal", "plateau")
+    params = {"interval": 3} if interval else {}
+    whole, _ = _run(name, 60, params)
+    first, state = _run(name, 25, params)
+    # The resumed policy is built with other arguments: the loaded state must win.
+    other = {"interval": 50} if interval else {}
+    rest, _ = _run(name, 35, other, state=_copy(state), start=25)
+    assert first + rest == whole  # bit for bit
+    assert len(set(whole)) > 1 or name == "constant"  # the trace actually moves
+
+
+def _copy(state):
+    import copy
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # through serialisation, as a checkpoint would
+    buffer.seek(0)
+    return copy.deepcopy(torch.load(buffer, weights_only=False))
+
+
+def test_state_dict_excludes_the_probe_and_restores_the_lr() -> None:
+    policy = build("feedback", _optimizer(), evaluate=lambda: 1.0)
+    state = policy.state_dict()
+    assert "_evaluate" not in state and "optimizer" not in state
+    state["factor"] = 0.25
+    fresh = Feedback(_optimizer(), evaluate=lambda: 1.0)
+    fresh.load_state_dict(state)
+    assert fresh.optimizer.param_groups[0]["lr"] == 0.25
+    assert fresh.get_last_lr() == [0.25]
+
+
+def test_param_groups_keep_their_proportion() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.1}])
+    policy = build("step", optimizer, step_size=1, gamma=0.5)
+    optimizer.step()
+    policy.step()
+    assert policy.get_last_lr() == [0.5, 0.05]

@@ -1,0 +1,241 @@
+"""The ``tune-alr`` command: demo, run, report, ui, list.
+
+Bad input exits with status 2 and one line that names the bad value and what is
+accepted, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEMO_POLICIES = ("constant", "step", "cyclic", "plateau", "feedback")
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _seeds(text: str) -> int | list[int]:
+    """``3`` means seeds 0, 1, 2; ``0,4,7`` lists them."""
+    try:
+        if "," in text:
+            return [int(s) for s in _names(text)]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds must be a count (e.g. 3) or a comma-separated list (e.g. 0,4,7), got {text!r}"
+        ) from None
+
+
+def _value(text: str) -> Any:
+    """A ``key=value`` value: JSON when it parses (numbers, true, null), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _assignments(items: Sequence[str], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} must look like key=value, got {item!r}.")
+        out[key] = _value(value)
+    return out
+
+
+def _policy_params(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in _assignments(items, "--policy-param").items():
+        policy, dot, param = key.partition(".")
+        if not dot or not param:
+            raise ValueError(f"--policy-param must look like policy.name=value, got {key!r}.")
+        out.setdefault(policy, {})[param] = value
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser, *, name: str) -> None:
+    p.add_argument("--name", default=name, help=f"experiment name (default: {name})")
+    p.add_argument("--output", help="folder for summary files (default: results/<name>)")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: sqlite:///./mlflow.db in the current folder)",
+    )
+    p.add_argument("--seeds", type=_seeds, default=3, help="a count or a list (default: 3)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default: the task's)")
+    p.add_argument("--max-steps", type=int, help="cap on optimizer steps per trial")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray CPUs per trial")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="Ray GPUs per trial")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as fit)")
+    p.add_argument("--address", help="Ray cluster address (default: start Ray here)")
+    p.add_argument("--quiet", action="store_true", help="no Ray Tune progress output")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="tune-alr",
+        description="Adaptive learning-rate policies as Ray Tune trials, tracked in MLflow.",
+    )
+    sub = root.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo", help="the main job on the embedded digits task (about a minute on 2 cores)"
+    )
+    _add_common(demo, name="demo")
+
+    run = sub.add_parser("run", help="run a grid of tasks x policies x seeds")
+    _add_common(run, name="tune-alr")
+    run.add_argument("--tasks", type=_names, default=["digits"], help="comma-separated")
+    run.add_argument(
+        "--policies", type=_names, default=["constant", "feedback"], help="comma-separated"
+    )
+    run.add_argument("--lr", type=float, help="initial LR (default: the task's)")
+    run.add_argument("--optimizer", help="sgd, adam, adamw or rmsprop (default: the task's)")
+    run.add_argument("--batch-size", type=int, help="(default: the task's)")
+    run.add_argument("--report-every", type=int, default=50, help="steps between reports")
+    run.add_argument(
+        "--policy-param",
+        action="append",
+        default=[],
+        metavar="POLICY.NAME=VALUE",
+        help="a policy parameter, e.g. feedback.interval=50 (repeatable)",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another trial setting, e.g. clip_grad=1.0 or limit_train=500 (repeatable)",
+    )
+
+    rep = sub.add_parser("report", help="summarise a Ray Tune experiment folder again")
+    rep.add_argument("directory", help="the experiment folder (e.g. results/demo/ray/demo)")
+    rep.add_argument("--output", help="where to write the summary (default: DIRECTORY)")
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on the project's store")
+    ui.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///./mlflow.db)")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000)
+
+    sub.add_parser("list", help="list the tasks and policies")
+    return root
+
+
+def _experiment(args: argparse.Namespace, **overrides: Any) -> Any:
+    from .experiment import Experiment
+
+    fields: dict[str, Any] = {
+        "name": args.name,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "output": args.output,
+        "tracking_uri": args.tracking_uri,
+        "cpus_per_trial": args.cpus_per_trial,
+        "gpus_per_trial": args.gpus_per_trial,
+        "max_concurrent": args.max_concurrent,
+        "address": args.address,
+        "verbose": 0 if args.quiet else 1,
+    }
+    fields.update(overrides)
+    return Experiment(**fields)
+
+
+def _run(exp: Any) -> int:
+    from .experiment import run
+    from .report import format_table
+
+    results = run(exp)
+    summary = results.summary()
+    print()
+    print(format_table(summary))
+    print()
+    print(f"Summary files:  {results.output_dir.resolve()}/ ({', '.join(sorted(results.files))})")
+    print(f"Ray Tune trials: {results.experiment_dir}")
+    print(f"MLflow store:   {results.tracking_uri}")
+    ui = "tune-alr ui"
+    if exp.tracking_uri:
+        ui += f" --tracking-uri {shlex.quote(exp.tracking_uri)}"
+    print(f"Open the MLflow UI with:  {ui}   (then browse http://127.0.0.1:5000)")
+    failed = summary["failed"].sum()
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            return _run(_experiment(args, tasks=["digits"], policies=list(DEMO_POLICIES)))
+        if args.command == "run":
+            return _run(
+                _experiment(
+                    args,
+                    tasks=args.tasks,
+                    policies=args.policies,
+                    lr=args.lr,
+                    optimizer=args.optimizer,
+                    batch_size=args.batch_size,
+                    report_every=args.report_every,
+                    policy_params=_policy_params(args.policy_param),
+                    trial=_assignments(args.set, "--set"),
+                )
+            )
+        if args.command == "report":
+            return _report(args)
+        if args.command == "ui":
+            return _ui(args)
+        if args.command == "list":
+            return _list()
+    except ValueError as err:
+        print(f"tune-alr: error: {err}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _report(args: argparse.Namespace) -> int:
+    from . import report
+
+    records = report.load_trials(args.directory)
+    output = Path(args.output) if args.output else Path(args.directory)
+    report.write_outputs(records, output, title=Path(args.directory).name)
+    print(report.format_table(report.summarize(report.trials_frame(records))))
+    print(f"\nSummary files: {output.resolve()}/")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from .tracking import check_tracking_uri, default_tracking_uri
+
+    uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
+    command = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", uri,
+        "--host", args.host,
+        "--port", str(args.port),
+    ]  # fmt: skip
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it.")
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def _list() -> int:
+    from trainables import tasks
+
+    from .policies import available
+
+    print("tasks:   ", ", ".join(tasks.available()))
+    print("policies:", ", ".join(available()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Experiment spec -> Ray Tune ``Tuner`` -> :class:`Results`.
+
+    import tune_alr
+    exp = tune_alr.Experiment(name="mine", tasks=["digits"], policies=["constant", "feedback"])
+    results = tune_alr.run(exp)
+    results.summary()          # pandas DataFrame, one row per (task, policy)
+
+``run`` validates the whole grid before Ray starts (a bad value raises ``ValueError``
+naming it and what is accepted), creates the MLflow store, experiment and parent run
+in the driver, runs one Ray Tune trial per (task, policy, seed) with the given
+resources, and writes ``summary.csv``, ``trials.csv``, ``summary.md`` and plots into the
+output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from trainables.config import TrialConfig
+
+from . import report, tracking
+
+#: Trial settings the Experiment sets itself (the grid and its shared options).
+_GRID_KEYS = ("task", "policy", "seed", "policy_params")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What to run: the grid tasks x policies x seeds, and how.
+
+    Args:
+        name: the experiment's name (Ray Tune folder, MLflow experiment, output folder).
+        tasks: task names (``trainables.tasks.available()``).
+        policies: policy names (``tune_alr.policies.available()``).
+        seeds: a number of seeds (0..n-1) or the seeds themselves. Seeds are paired:
+            the same seed gives the same initial weights and data order for every policy.
+        optimizer, lr, batch_size, epochs: override the task defaults (``None`` keeps them).
+        max_steps: cap on optimizer steps per trial.
+        report_every: optimizer steps between reports (validation, checkpoint, MLflow).
+        policy_params: per policy name, keyword arguments for ``policies.build``.
+        trial: any other ``TrialConfig`` field, the same for every trial (e.g.
+            ``{"clip_grad": 1.0, "limit_train": 5000}``).
+        cpus_per_trial, gpus_per_trial: Ray resources of each trial.
+        max_concurrent: cap on trials running at once (``None``: as resources allow).
+        max_failures: restarts of a failed trial (from its last checkpoint) before it
+            counts as failed.
+        output: folder for the summary files; default ``results/<name>``.
+        storage: Ray Tune storage folder; default ``<output>/ray``.
+        tracking_uri: MLflow store; default ``sqlite:///<cwd>/mlflow.db``.
+        address: a Ray cluster address (``"auto"``, ``ray://host:10001``) or ``None`` to
+            start Ray on this machine.
+        verbose: Ray Tune's progress output, 0 (silent) to 3.
+    """
+
+    name: str = "tune-alr"
+    tasks: Sequence[str] = ("digits",)
+    policies: Sequence[str] = ("constant", "feedback")
+    seeds: int | Sequence[int] = 3
+    optimizer: str | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    epochs: int | None = None
+    max_steps: int | None = None
+    report_every: int = 50
+    policy_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    trial: Mapping[str, Any] = field(default_factory=dict)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    max_failures: int = 2
+    output: str | os.PathLike[str] | None = None
+    storage: str | os.PathLike[str] | None = None
+    tracking_uri: str | None = None
+    address: str | None = None
+    verbose: int = 1
+
+    # -- derived -----------------------------------------------------------------
+
+    @property
+    def seed_list(self) -> list[int]:
+        if isinstance(self.seeds, bool):
+            raise ValueError(f"seeds must be a count >= 1 or a list of seeds, got {self.seeds!r}.")
+        if isinstance(self.seeds, int):
+            if self.seeds < 1:
+                raise ValueError(f"seeds must be a count >= 1 or a list of seeds, got {self.seeds}.")
+            return list(range(self.seeds))
+        seeds = list(self.seeds)
+        if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+            raise ValueError(f"seeds must be integers >= 0, got {self.seeds!r}.")
+        return seeds
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output) if self.output is not None else Path("results") / self.name
+
+    @property
+    def storage_dir(self) -> Path:
+        return Path(self.storage) if self.storage is not None else self.output_dir / "ray"
+
+    @property
+    def uri(self) -> str:
+        return self.tracking_uri or tracking.default_tracking_uri()
+
+    def shared_trial_settings(self) -> dict[str, Any]:
+        """The TrialConfig fields every trial shares (``None`` = the task's default)."""
+        settings = {
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "epochs": self.epochs,
+            "max_steps": self.max_steps,
+            "report_every": self.report_every,
+            **dict(self.trial),
+        }
+        clash = sorted(set(self.trial) & set(_GRID_KEYS))
+        if clash:
+            raise ValueError(
+                f"trial settings {clash} are set by the grid; use tasks=, policies=, seeds= "
+                "and policy_params= instead."
+            )
+        return settings
+
+    def trial_configs(self) -> list[TrialConfig]:
+        """Every grid point as a validated TrialConfig (raises ``ValueError``)."""
+        shared = self.shared_trial_settings()
+        unknown = sorted(set(self.policy_params) - set(self.policies))
+        if unknown:
+            raise ValueError(
+                f"policy_params given for {unknown}, which are not in policies={list(self.policies)}."
+            )
+        return [
+            TrialConfig.from_dict(
+                {
+                    **shared,
+                    "task": task,
+                    "policy": policy,
+                    "seed": seed,
+                    "policy_params": dict(self.policy_params.get(policy, {})),
+                }
+            )
+            for task in self.tasks
+            for policy in self.policies
+            for seed in self.seed_list
+        ]
+
+    def validate(self) -> None:
+        """Check everything that can be checked before Ray starts; raises ``ValueError``."""
+        if not self.name or "/" in self.name or self.name.strip() != self.name:
+            raise ValueError(
+                f"name must be a non-empty folder name without '/', got {self.name!r}."
+            )
+        for label, values in (("tasks", self.tasks), ("policies", self.policies)):
+            if isinstance(values, str) or not list(values):
+                raise ValueError(f"{label} must be a non-empty list of names, got {values!r}.")
+            if len(set(values)) != len(list(values)):
+                raise ValueError(f"{label} has duplicates: {list(values)!r}.")
+        self.trial_configs()
+        for label, value, minimum in (
+            ("cpus_per_trial", self.cpus_per_trial, 0.0),
+            ("gpus_per_trial", self.gpus_per_trial, 0.0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+                raise ValueError(f"{label} must be a number >= {minimum}, got {value!r}.")
+        if self.cpus_per_trial == 0 and self.gpus_per_trial == 0:
+            raise ValueError("a trial needs some resources: cpus_per_trial or gpus_per_trial > 0.")
+        if self.max_concurrent is not None and (
+            not isinstance(self.max_concurrent, int) or self.max_concurrent < 1
+        ):
+            raise ValueError(f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}.")
+        if not isinstance(self.max_failures, int) or self.max_failures < 0:
+            raise ValueError(f"max_failures must be an integer >= 0, got {self.max_failures!r}.")
+        tracking.check_tracking_uri(self.uri)
+        for label, folder in (("output", self.output_dir), ("storage", self.storage_dir)):
+            _check_writable(label, folder)
+        db = tracking.sqlite_path(self.uri)
+        if db is not None:
+            _check_writable("tracking store folder", db.parent)
+
+
+def _check_writable(label: str, folder: Path) -> None:
+    """Raise ``ValueError`` unless ``folder`` exists or can be created, and is writable."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"{label} folder {str(folder)!r} is inside a file ({str(probe)!r}).")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{label} folder {str(folder)!r} is not writable ({str(probe)!r}).")
+
+
+@dataclass
+class Results:
+    """The outcome of :func:`run`: where everything went, and the tables."""
+
+    experiment: Experiment
+    experiment_dir: Path
+    output_dir: Path
+    tracking_uri: str
+    parent_run_id: str | None
+    files: dict[str, Path]
+    records: list[report.TrialRecord]
+
+    def trials(self) -> pd.DataFrame:
+        """One row per trial."""
+        return report.trials_frame(self.records)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per (task, policy): mean and std over seeds of the final metrics."""
+        return report.summarize(self.trials())
+
+
+def _trial_name(trial: Any) -> str:
+    c = trial.config
+    return f"{c['task']}_{c['policy']}_seed{c['seed']}"
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"{_trial_name(trial)}_{trial.trial_id}"
+
+
+def build_tuner(exp: Experiment, handle: tracking.Handle | None) -> Any:
+    """The Ray Tune ``Tuner`` for ``exp`` (Ray must be initialised)."""
+    from ray import tune
+
+    import trainables
+
+    exp.trial_configs()  # validates the grid
+    # Only the settings the user gave travel; each trial fills its task's defaults.
+    given = {k: v for k, v in exp.shared_trial_settings().items() if v is not None}
+    params_by_policy = {p: dict(exp.policy_params.get(p, {})) for p in exp.policies}
+    param_space = {
+        **given,
+        "task": tune.grid_search(list(exp.tasks)),
+        "policy": tune.grid_search(list(exp.policies)),
+        "seed": tune.grid_search(exp.seed_list),
+        "policy_params": tune.sample_from(lambda spec: params_by_policy[spec.config.policy]),
+    }
+    resources = {"cpu": exp.cpus_per_trial, "gpu": exp.gpus_per_trial}
+    callbacks = [tracking.MLflowTracking(handle)] if handle is not None else []
+    return tune.Tuner(
+        tune.with_resources(trainables.train, resources),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            num_samples=1,
+            max_concurrent_trials=exp.max_concurrent,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=exp.name,
+            storage_path=str(exp.storage_dir.resolve()),
+            failure_config=tune.FailureConfig(max_failures=exp.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+            callbacks=callbacks,
+            verbose=exp.verbose,
+        ),
+    )
+
+
+def run(exp: Experiment) -> Results:
+    """Run ``exp`` on Ray Tune with MLflow tracking; see the module docstring."""
+    exp.validate()
+    import ray
+
+    handle = tracking.prepare(
+        exp.uri,
+        experiment=exp.name,
+        run_name=exp.name,
+        tags={"tune_alr.tasks": ",".join(exp.tasks), "tune_alr.policies": ",".join(exp.policies)},
+    )
+    # Ray snapshots the experiment state whenever a trial has written num_to_keep
+    # checkpoints; with a report (and checkpoint) every few seconds that is expected
+    # here, cheap for these small states, and its warning would flood the progress.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=exp.address, include_dashboard=False, configure_logging=False)
+    status = "FAILED"
+    try:
+        grid = build_tuner(exp, handle).fit()
+        experiment_dir = Path(grid.experiment_path)
+        results = collect(exp, experiment_dir, handle)
+        status = "FINISHED"
+        return results
+    finally:
+        try:
+            files = _summary_files(exp.output_dir)
+            tracking.finish_parent(handle, status, files)
+        except Exception as err:  # tracking must not hide the run's own outcome
+            import warnings
+
+            warnings.warn(f"could not close the MLflow parent run: {err}", RuntimeWarning, stacklevel=2)
+        if started_ray:
+            ray.shutdown()
+
+
+def _summary_files(output: Path) -> list[Path]:
+    return sorted(p for p in output.glob("*") if p.suffix in (".csv", ".md", ".png"))
+
+
+def collect(exp: Experiment, experiment_dir: Path, handle: tracking.Handle | None) -> Results:
+    """Read the experiment folder and write the summary files."""
+    records = report.load_trials(experiment_dir)
+    files = report.write_outputs(records, exp.output_dir, title=exp.name)
+    return Results(
+        experiment=exp,
+        experiment_dir=experiment_dir,
+        output_dir=exp.output_dir,
+        tracking_uri=exp.uri,
+        parent_run_id=handle.parent_run_id if handle else None,
+        files=files,
+        records=records,
+    )
+
+
+def replace(exp: Experiment, **changes: Any) -> Experiment:
+    """A copy of ``exp`` with ``changes`` (``dataclasses.replace``)."""
+    return dataclasses.replace(exp, **changes)
+
+
+__all__ = ["Experiment", "Results", "build_tuner", "collect", "replace", "run"]

@@ -1,0 +1,288 @@
+"""Tables and plots from a Ray Tune experiment folder.
+
+Everything here reads what Ray Tune wrote (each trial folder's ``params.json`` and
+``result.json``), so a finished, interrupted or copied experiment can be summarised
+without Ray running: ``tune-alr report DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SUMMARY_COLUMNS = [
+    "task",
+    "policy",
+    "seeds",
+    "finished",
+    "diverged",
+    "failed",
+    "val_acc_mean",
+    "val_acc_std",
+    "val_loss_mean",
+    "val_loss_std",
+    "best_val_acc_mean",
+    "test_acc_mean",
+    "test_acc_std",
+    "steps_mean",
+    "wall_s_mean",
+    "samples_per_s_mean",
+    "final_lr_mean",
+]
+
+
+@dataclass
+class TrialRecord:
+    """One trial as Ray Tune recorded it."""
+
+    path: Path
+    config: dict[str, Any]
+    results: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def trial_id(self) -> str:
+        if self.results and "trial_id" in self.results[-1]:
+            return str(self.results[-1]["trial_id"])
+        return self.path.name
+
+    @property
+    def status(self) -> str:
+        if self.results and self.results[-1].get("status") in ("finished", "diverged"):
+            return str(self.results[-1]["status"])
+        return "failed" if self.error else "incomplete"
+
+    def lr_path(self) -> tuple[list[int], list[float]]:
+        """Steps and LR at every optimizer step, from the reports' ``lr_trace``."""
+        steps: list[int] = []
+        lrs: list[float] = []
+        for result in self.results:
+            start = int(result.get("lr_trace_start", 1))
+            for offset, lr in enumerate(result.get("lr_trace") or ()):
+                if not steps or start + offset > steps[-1]:
+                    steps.append(start + offset)
+                    lrs.append(float(lr))
+        return steps, lrs
+
+
+def _read_json_lines(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut off by a killed process
+    return rows
+
+
+def load_trials(experiment_dir: str | Path) -> list[TrialRecord]:
+    """Every trial folder (one holding ``params.json``) under ``experiment_dir``."""
+    root = Path(experiment_dir)
+    if not root.is_dir():
+        raise ValueError(f"experiment folder {str(root)!r} does not exist.")
+    records = []
+    for params in sorted(root.glob("*/params.json")):
+        folder = params.parent
+        error_file = folder / "error.txt"
+        records.append(
+            TrialRecord(
+                path=folder,
+                config=json.loads(params.read_text()),
+                results=_read_json_lines(folder / "result.json"),
+                error=error_file.read_text() if error_file.is_file() else None,
+            )
+        )
+    if not records:
+        raise ValueError(f"no Ray Tune trials (*/params.json) under {str(root)!r}.")
+    return records
+
+
+def trials_frame(records: Iterable[TrialRecord]) -> pd.DataFrame:
+    """One row per trial: its config keys and its last reported metrics."""
+    rows = []
+    for record in records:
+        last = record.results[-1] if record.results else {}
+        rows.append(
+            {
+                "task": record.config.get("task"),
+                "policy": record.config.get("policy"),
+                "seed": record.config.get("seed"),
+                "status": record.status,
+                "trial_id": record.trial_id,
+                "val_acc": last.get("val_acc", math.nan),
+                "val_loss": last.get("val_loss", math.nan),
+                "best_val_acc": last.get("best_val_acc", math.nan),
+                "test_acc": last.get("test_acc", math.nan),
+                "test_loss": last.get("test_loss", math.nan),
+                "steps": last.get("step", math.nan),
+                "wall_s": last.get("wall_s", math.nan),
+                "samples_per_s": _mean(r.get("samples_per_s") for r in record.results),
+                "final_lr": last.get("lr", math.nan),
+                "error": (record.error or "").strip().splitlines()[-1:] or "",
+            }
+        )
+    frame = pd.DataFrame(rows)
+    frame["error"] = frame["error"].map(lambda e: e[0] if isinstance(e, list) and e else "")
+    return frame.sort_values(["task", "policy", "seed"], kind="stable").reset_index(drop=True)
+
+
+def _mean(values: Iterable[Any]) -> float:
+    finite = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def summarize(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per (task, policy): counts and mean/std over seeds of the final metrics."""
+    rows = []
+    for (task, policy), group in trials.groupby(["task", "policy"], sort=True):
+        ok = group[group["status"].isin(["finished", "diverged"])]
+        row: dict[str, Any] = {
+            "task": task,
+            "policy": policy,
+            "seeds": len(group),
+            "finished": int((group["status"] == "finished").sum()),
+            "diverged": int((group["status"] == "diverged").sum()),
+            "failed": int((~group["status"].isin(["finished", "diverged"])).sum()),
+        }
+        for metric in ("val_acc", "val_loss", "test_acc"):
+            row[f"{metric}_mean"] = ok[metric].mean()
+            row[f"{metric}_std"] = ok[metric].std(ddof=1) if len(ok) > 1 else 0.0
+        for metric in ("best_val_acc", "steps", "wall_s", "samples_per_s", "final_lr"):
+            row[f"{metric}_mean"] = ok[metric].mean()
+        rows.append(row)
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def to_markdown(summary: pd.DataFrame, title: str = "Summary") -> str:
+    """The summary as a Markdown table (accuracies in %, mean +- std over seeds)."""
+    head = "| task | policy | seeds | val acc % | val loss | test acc % | steps | wall s | final lr |"
+    lines = [f"# {title}", "", head, "|" + " --- |" * 9]
+    for _, r in summary.iterrows():
+        notes = []
+        if r["diverged"]:
+            notes.append(f"{r['diverged']} diverged")
+        if r["failed"]:
+            notes.append(f"{r['failed']} failed")
+        seeds = f"{r['seeds']}" + (f" ({', '.join(notes)})" if notes else "")
+        lines.append(
+            f"| {r['task']} | {r['policy']} | {seeds} "
+            f"| {100 * r['val_acc_mean']:.2f} +- {100 * r['val_acc_std']:.2f} "
+            f"| {r['val_loss_mean']:.4f} "
+            f"| {100 * r['test_acc_mean']:.2f} +- {100 * r['test_acc_std']:.2f} "
+            f"| {r['steps_mean']:.0f} | {r['wall_s_mean']:.1f} | {r['final_lr_mean']:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def format_table(summary: pd.DataFrame) -> str:
+    """A compact plain-text table for the terminal."""
+    view = summary[
+        ["task", "policy", "seeds", "val_acc_mean", "val_acc_std", "val_loss_mean",
+         "test_acc_mean", "steps_mean", "wall_s_mean", "final_lr_mean"]
+    ].copy()
+    return view.to_string(
+        index=False,
+        float_format=lambda v: f"{v:.4g}",
+    )
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_trial_curves(
+    lr_steps: Sequence[int],
+    lr_values: Sequence[float],
+    curve: Sequence[tuple[int, float, float]],
+    folder: Path,
+) -> list[Path]:
+    """``lr_curve.png`` and ``val_curve.png`` of one trial into ``folder``."""
+    plt = _pyplot()
+    paths = []
+    if lr_steps:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(lr_steps, lr_values, lw=1)
+        ax.set(xlabel="optimizer step", ylabel="learning rate", yscale="log", title="LR path")
+        fig.tight_layout()
+        paths.append(folder / "lr_curve.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    if curve:
+        steps, losses, accs = zip(*curve, strict=True)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, losses, color="tab:red", label="val loss")
+        ax.set(xlabel="optimizer step", ylabel="validation loss", title="Validation")
+        twin = ax.twinx()
+        twin.plot(steps, accs, color="tab:blue", label="val acc")
+        twin.set_ylabel("validation accuracy")
+        fig.tight_layout()
+        paths.append(folder / "val_curve.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def plot_experiment(records: Sequence[TrialRecord], folder: Path) -> list[Path]:
+    """Per task: ``lr_<task>.png`` (LR paths) and ``val_<task>.png`` (val accuracy)."""
+    plt = _pyplot()
+    paths = []
+    for task in sorted({str(r.config.get("task")) for r in records}):
+        mine = [r for r in records if str(r.config.get("task")) == task and r.results]
+        policies = sorted({str(r.config.get("policy")) for r in mine})
+        colours = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(policies)}
+        for kind in ("lr", "val"):
+            fig, ax = plt.subplots(figsize=(7, 4))
+            labelled: set[str] = set()
+            for record in mine:
+                policy = str(record.config.get("policy"))
+                label = None if policy in labelled else policy
+                labelled.add(policy)
+                if kind == "lr":
+                    xs, ys = record.lr_path()
+                else:
+                    xs = [r["step"] for r in record.results if "val_acc" in r]
+                    ys = [r["val_acc"] for r in record.results if "val_acc" in r]
+                ax.plot(xs, ys, color=colours[policy], lw=1, alpha=0.8, label=label)
+            if kind == "lr":
+                ax.set(yscale="log", ylabel="learning rate", title=f"{task}: LR path per trial")
+            else:
+                ax.set(ylabel="validation accuracy", title=f"{task}: validation accuracy")
+            ax.set_xlabel("optimizer step")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            paths.append(folder / f"{kind}_{task}.png")
+            fig.savefig(paths[-1], dpi=100)
+            plt.close(fig)
+    return paths
+
+
+def write_outputs(records: Sequence[TrialRecord], output: Path, title: str) -> dict[str, Path]:
+    """Write ``summary.csv``, ``trials.csv``, ``summary.md`` and the plots into ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    trials = trials_frame(records)
+    summary = summarize(trials)
+    files = {
+        "summary.csv": output / "summary.csv",
+        "trials.csv": output / "trials.csv",
+        "summary.md": output / "summary.md",
+    }
+    summary.to_csv(files["summary.csv"], index=False)
+    trials.to_csv(files["trials.csv"], index=False)
+    files["summary.md"].write_text(to_markdown(summary, title))
+    for path in plot_experiment(records, output):
+        files[path.name] = path
+    return files

@@ -1,0 +1,295 @@
+"""MLflow tracking: one parent run per experiment, one child run per trial.
+
+All writes happen in the driver, through ``MlflowClient`` (no global active run, so
+nothing leaks between experiments): :func:`prepare` creates the store, the MLflow
+experiment and the parent run before Ray starts any trial (two trials creating a new
+sqlite database at once fail), and :class:`MLflowTracking` is a Ray Tune callback that
+logs each trial's results as they arrive. The trainable knows nothing of MLflow.
+
+A child run is named ``<task>/<policy>/seed<k>`` and tagged with the Tune trial id, so a
+restarted trial or a resumed experiment continues its run instead of opening a second
+one. Each report's ``lr_trace`` becomes the metric ``lr`` at every optimizer step.
+
+If the tracking server goes away mid-run, training goes on: the callback warns once and
+stops logging; the results stay in Ray's experiment folder, from which
+:func:`relog` writes them again later (``tune-alr report DIR --tracking-uri ...``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ray import tune
+
+log = logging.getLogger(__name__)
+
+TRIAL_TAG = "tune_alr.trial_id"
+STATUS_TAG = "tune_alr.status"
+_BATCH = 500  # MLflow accepts at most 1000 metrics per log_batch
+# "lr" in a report is the LR after its last step; the trace already holds one per step.
+_SKIP_METRICS = {"lr", "lr_trace", "lr_trace_start", "status", "config"}
+_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
+
+
+def default_tracking_uri() -> str:
+    """``sqlite:///<cwd>/mlflow.db``, MLflow's own default location."""
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_tracking_uri(uri: str) -> str:
+    """Raise ``ValueError`` unless ``uri`` is a tracking URI MLflow 3 accepts."""
+    parsed = urlparse(uri) if isinstance(uri, str) else None
+    if parsed is None or parsed.scheme not in _SCHEMES:
+        raise ValueError(
+            f"malformed tracking URI {uri!r}; use sqlite:///path/to/mlflow.db, "
+            "http://host:port or another MLflow store URI "
+            f"(schemes: {', '.join(_SCHEMES)})."
+        )
+    if parsed.scheme in ("http", "https") and not parsed.hostname:
+        raise ValueError(f"tracking URI {uri!r} has no host; e.g. http://127.0.0.1:5000.")
+    if parsed.scheme == "sqlite":
+        path = sqlite_path(uri)
+        if path is None:
+            raise ValueError(f"tracking URI {uri!r} names no database file; e.g. sqlite:///mlflow.db.")
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else ``None``."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///") :]
+    return Path(rest) if rest and rest != ":memory:" else None
+
+
+def _artifact_location(uri: str) -> str | None:
+    # Beside a sqlite store, not in the current folder: the trials' working folders
+    # differ from the driver's, and MLflow's default would scatter artifacts.
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    return (db.resolve().parent / "mlartifacts").as_uri()
+
+
+@dataclass(frozen=True)
+class Handle:
+    """Where an experiment's runs live."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def prepare(uri: str, experiment: str, run_name: str, tags: Mapping[str, str]) -> Handle:
+    """Create (or reuse) the store, the MLflow experiment and the parent run."""
+    check_tracking_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        experiment_id = client.create_experiment(
+            experiment, artifact_location=_artifact_location(uri)
+        )
+    else:
+        experiment_id = found.experiment_id
+    parent = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    return Handle(uri, experiment_id, parent.info.run_id)
+
+
+def finish_parent(handle: Handle, status: str, artifacts: Iterable[Path] = ()) -> None:
+    """Attach the experiment's summary files to the parent run and end it."""
+    client = _client(handle.tracking_uri)
+    for path in artifacts:
+        if path.is_file():
+            client.log_artifact(handle.parent_run_id, str(path))
+    client.set_terminated(handle.parent_run_id, status)
+
+
+def trial_run_name(config: Mapping[str, Any]) -> str:
+    return f"{config.get('task')}/{config.get('policy')}/seed{config.get('seed')}"
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+def _resolved(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The trial's full settings, task defaults filled in, for the run's params."""
+    from trainables.config import TrialConfig
+
+    try:
+        return TrialConfig.from_dict(config).to_dict()
+    except ValueError:
+        return config
+
+
+@dataclass
+class _TrialLog:
+    run_id: str
+    lr_steps: list[int] = field(default_factory=list)
+    lr_values: list[float] = field(default_factory=list)
+    curve: list[tuple[int, float, float]] = field(default_factory=list)  # step, val_loss, val_acc
+    last_step: int = 0
+
+
+class TrialLogger:
+    """Writes trials into child runs of one parent run; shared by live and offline logging."""
+
+    def __init__(self, handle: Handle) -> None:
+        self.handle = handle
+        self._client = _client(handle.tracking_uri)
+        self._trials: dict[str, _TrialLog] = {}
+
+    def start(self, trial_id: str, config: Mapping[str, Any]) -> None:
+        """Open (or reopen, after a restart) the child run of ``trial_id``."""
+        if trial_id in self._trials:
+            return
+        from mlflow.entities import Param
+
+        existing = self._client.search_runs(
+            [self.handle.experiment_id],
+            filter_string=(
+                f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
+                f"tags.`mlflow.parentRunId` = '{self.handle.parent_run_id}'"
+            ),
+            max_results=1,
+        )
+        if existing:
+            run_id = existing[0].info.run_id
+            state = _TrialLog(run_id)
+            history = self._client.get_metric_history(run_id, "lr")
+            state.last_step = max((m.step for m in history), default=0)
+            state.lr_steps = [m.step for m in history]
+            state.lr_values = [m.value for m in history]
+            self._client.update_run(run_id, status="RUNNING")
+            self._trials[trial_id] = state
+            return
+        run = self._client.create_run(
+            self.handle.experiment_id,
+            run_name=trial_run_name(config),
+            tags={"mlflow.parentRunId": self.handle.parent_run_id, TRIAL_TAG: trial_id},
+        )
+        params = [Param(k, v) for k, v in _flatten(_resolved(config)).items()]
+        for i in range(0, len(params), 100):
+            self._client.log_batch(run.info.run_id, params=params[i : i + 100])
+        self._trials[trial_id] = _TrialLog(run.info.run_id)
+
+    def result(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        """Log one report: its scalar metrics at its step, and ``lr`` at every step."""
+        from mlflow.entities import Metric
+
+        state = self._trials[trial_id]
+        step = int(result.get("step", 0))
+        if step <= state.last_step and state.last_step > 0:
+            return  # already logged (a report repeated after a restart)
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), now, step)
+            for key, value in result.items()
+            if key not in _SKIP_METRICS
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+        ]
+        start = int(result.get("lr_trace_start", step + 1))
+        for offset, lr in enumerate(result.get("lr_trace") or ()):
+            lr_step = start + offset
+            if lr_step > state.last_step:
+                metrics.append(Metric("lr", float(lr), now, lr_step))
+                state.lr_steps.append(lr_step)
+                state.lr_values.append(float(lr))
+        for i in range(0, len(metrics), _BATCH):
+            self._client.log_batch(state.run_id, metrics=metrics[i : i + _BATCH])
+        if "val_loss" in result:
+            state.curve.append((step, float(result["val_loss"]), float(result["val_acc"])))
+        if "status" in result:
+            self._client.set_tag(state.run_id, STATUS_TAG, str(result["status"]))
+        state.last_step = step
+
+    def finish(self, trial_id: str, status: str, error: str | None = None) -> None:
+        """Attach the LR and validation curves and end the run (FINISHED or FAILED)."""
+        state = self._trials.get(trial_id)
+        if state is None:
+            return
+        if error:
+            self._client.set_tag(state.run_id, "tune_alr.error", error[:5000])
+        from .report import plot_trial_curves
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in plot_trial_curves(
+                state.lr_steps, state.lr_values, state.curve, Path(tmp)
+            ):
+                self._client.log_artifact(state.run_id, str(path))
+        self._client.set_terminated(state.run_id, status)
+        del self._trials[trial_id]
+
+
+class MLflowTracking(tune.Callback):
+    """Ray Tune callback that logs every trial into a child run of the experiment's run.
+
+    Tracking never stops training: on the first error from the store it warns once and
+    logs nothing more for this experiment (``tune-alr report`` can re-log it later).
+    """
+
+    def __init__(self, handle: Handle) -> None:
+        self.handle = handle
+        self._logger: TrialLogger | None = None
+        self.failed: str | None = None
+
+    def _safely(self, what: str, fn: Any, *args: Any) -> None:
+        if self.failed is not None:
+            return
+        try:
+            if self._logger is None:
+                self._logger = TrialLogger(self.handle)
+            fn(self._logger, *args)
+        except Exception as err:  # any store failure: keep training, say so once
+            self.failed = f"{what}: {type(err).__name__}: {err}"
+            warnings.warn(
+                f"MLflow tracking at {self.handle.tracking_uri} failed ({self.failed}); "
+                "training goes on and Ray keeps every result. Re-log later with "
+                "`tune-alr report <experiment dir> --tracking-uri <uri>`.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._safely("start", TrialLogger.start, trial.trial_id, trial.config)
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        self._safely("start", TrialLogger.start, trial.trial_id, trial.config)
+        self._safely("result", TrialLogger.result, trial.trial_id, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._safely("finish", TrialLogger.finish, trial.trial_id, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = getattr(trial, "error_file", None)
+        message = Path(error).read_text()[-2000:] if error and Path(error).is_file() else None
+        self._safely("finish", TrialLogger.finish, trial.trial_id, "FAILED", message)
