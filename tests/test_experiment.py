@@ -75,7 +75,9 @@ def test_report_rebuilds_the_summary_from_the_folder(finished, tmp_path: Path, c
     _, results = finished
     code = cli.main(["report", str(results.experiment_dir), "--output", str(tmp_path)])
     assert code == 0
-    assert (tmp_path / "summary.csv").read_text() == (results.output_dir / "summary.csv").read_text()
+    assert (tmp_path / "summary.csv").read_text() == (
+        results.output_dir / "summary.csv"
+    ).read_text()
     assert "feedback" in capsys.readouterr().out
 
 

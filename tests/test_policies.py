@@ -199,7 +199,7 @@ def test_bad_arguments_raise_value_error(name: str, params: dict, fragment: str)
 def test_bad_evaluate_and_optimizer() -> None:
     with pytest.raises(ValueError, match="evaluate must be a zero-argument callable"):
         build("feedback", _optimizer(), evaluate=3.0)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):
         build("constant", "sgd")  # type: ignore[arg-type]
 
 

@@ -56,7 +56,7 @@ def make_optimizer(
     name: str, params: Any, lr: float, extra: Mapping[str, Any]
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` (sgd, adam, adamw, rmsprop) at ``lr``, with ``extra`` kwargs."""
-    classes: dict[str, type[torch.optim.Optimizer]] = {
+    classes: dict[str, Any] = {
         "sgd": torch.optim.SGD,
         "adam": torch.optim.Adam,
         "adamw": torch.optim.AdamW,
@@ -65,7 +65,9 @@ def make_optimizer(
     try:
         return classes[name](params, lr=lr, **extra)
     except TypeError as err:
-        raise ValueError(f"optimizer {name!r} rejected its parameters {dict(extra)}: {err}") from err
+        raise ValueError(
+            f"optimizer {name!r} rejected its parameters {dict(extra)}: {err}"
+        ) from err
 
 
 @torch.no_grad()
@@ -107,9 +109,7 @@ def _policy_diagnostics(policy: Policy) -> dict[str, float]:
     for key, value in policy.state_dict().items():
         if key.startswith("_") or key in ("base_lrs", "last_epoch", "total_steps"):
             continue
-        if isinstance(value, bool):
-            out[f"policy/{key}"] = float(value)
-        elif isinstance(value, (int, float)) and math.isfinite(value):
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and math.isfinite(value)):
             out[f"policy/{key}"] = float(value)
     return out
 

@@ -1,10 +1,10 @@
 """The task registry: a task gives data, a model and defaults; the policy is the plug-in.
 
-    from trainables import tasks
-    tasks.available()            # ['digits', ...]
-    task = tasks.get("digits")
-    data = task.load(config)     # TaskData
-    model = task.build_model(data, config)
+from trainables import tasks
+tasks.available()            # ['digits', ...]
+task = tasks.get("digits")
+data = task.load(config)     # TaskData
+model = task.build_model(data, config)
 """
 
 from __future__ import annotations

@@ -89,7 +89,9 @@ class Experiment:
             raise ValueError(f"seeds must be a count >= 1 or a list of seeds, got {self.seeds!r}.")
         if isinstance(self.seeds, int):
             if self.seeds < 1:
-                raise ValueError(f"seeds must be a count >= 1 or a list of seeds, got {self.seeds}.")
+                raise ValueError(
+                    f"seeds must be a count >= 1 or a list of seeds, got {self.seeds}."
+                )
             return list(range(self.seeds))
         seeds = list(self.seeds)
         if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
@@ -133,7 +135,8 @@ class Experiment:
         unknown = sorted(set(self.policy_params) - set(self.policies))
         if unknown:
             raise ValueError(
-                f"policy_params given for {unknown}, which are not in policies={list(self.policies)}."
+                f"policy_params given for {unknown}, which are not in "
+                f"policies={list(self.policies)}."
             )
         return [
             TrialConfig.from_dict(
@@ -173,7 +176,9 @@ class Experiment:
         if self.max_concurrent is not None and (
             not isinstance(self.max_concurrent, int) or self.max_concurrent < 1
         ):
-            raise ValueError(f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}.")
+            raise ValueError(
+                f"max_concurrent must be an integer >= 1, got {self.max_concurrent!r}."
+            )
         if not isinstance(self.max_failures, int) or self.max_failures < 0:
             raise ValueError(f"max_failures must be an integer >= 0, got {self.max_failures!r}.")
         tracking.check_tracking_uri(self.uri)
@@ -242,10 +247,12 @@ def build_tuner(exp: Experiment, handle: tracking.Handle | None) -> Any:
         "task": tune.grid_search(list(exp.tasks)),
         "policy": tune.grid_search(list(exp.policies)),
         "seed": tune.grid_search(exp.seed_list),
-        "policy_params": tune.sample_from(lambda spec: params_by_policy[spec.config.policy]),
+        "policy_params": tune.sample_from(
+            lambda spec: params_by_policy[spec.config.policy]  # type: ignore[attr-defined]
+        ),
     }
     resources = {"cpu": exp.cpus_per_trial, "gpu": exp.gpus_per_trial}
-    callbacks = [tracking.MLflowTracking(handle)] if handle is not None else []
+    callbacks: list[tune.Callback] = [tracking.MLflowTracking(handle)] if handle else []
     return tune.Tuner(
         tune.with_resources(trainables.train, resources),
         param_space=param_space,
@@ -298,7 +305,9 @@ def run(exp: Experiment) -> Results:
         except Exception as err:  # tracking must not hide the run's own outcome
             import warnings
 
-            warnings.warn(f"could not close the MLflow parent run: {err}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"could not close the MLflow parent run: {err}", RuntimeWarning, stacklevel=2
+            )
         if started_ray:
             ray.shutdown()
 

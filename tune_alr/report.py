@@ -164,7 +164,9 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
 
 def to_markdown(summary: pd.DataFrame, title: str = "Summary") -> str:
     """The summary as a Markdown table (accuracies in %, mean +- std over seeds)."""
-    head = "| task | policy | seeds | val acc % | val loss | test acc % | steps | wall s | final lr |"
+    head = (
+        "| task | policy | seeds | val acc % | val loss | test acc % | steps | wall s | final lr |"
+    )
     lines = [f"# {title}", "", head, "|" + " --- |" * 9]
     for _, r in summary.iterrows():
         notes = []
@@ -186,8 +188,18 @@ def to_markdown(summary: pd.DataFrame, title: str = "Summary") -> str:
 def format_table(summary: pd.DataFrame) -> str:
     """A compact plain-text table for the terminal."""
     view = summary[
-        ["task", "policy", "seeds", "val_acc_mean", "val_acc_std", "val_loss_mean",
-         "test_acc_mean", "steps_mean", "wall_s_mean", "final_lr_mean"]
+        [
+            "task",
+            "policy",
+            "seeds",
+            "val_acc_mean",
+            "val_acc_std",
+            "val_loss_mean",
+            "test_acc_mean",
+            "steps_mean",
+            "wall_s_mean",
+            "final_lr_mean",
+        ]
     ].copy()
     return view.to_string(
         index=False,

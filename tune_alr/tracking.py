@@ -59,7 +59,9 @@ def check_tracking_uri(uri: str) -> str:
     if parsed.scheme == "sqlite":
         path = sqlite_path(uri)
         if path is None:
-            raise ValueError(f"tracking URI {uri!r} names no database file; e.g. sqlite:///mlflow.db.")
+            raise ValueError(
+                f"tracking URI {uri!r} names no database file; e.g. sqlite:///mlflow.db."
+            )
     return uri
 
 
@@ -240,9 +242,7 @@ class TrialLogger:
         from .report import plot_trial_curves
 
         with tempfile.TemporaryDirectory() as tmp:
-            for path in plot_trial_curves(
-                state.lr_steps, state.lr_values, state.curve, Path(tmp)
-            ):
+            for path in plot_trial_curves(state.lr_steps, state.lr_values, state.curve, Path(tmp)):
                 self._client.log_artifact(state.run_id, str(path))
         self._client.set_terminated(state.run_id, status)
         del self._trials[trial_id]

@@ -1,10 +1,10 @@
 """Learning-rate policies for any PyTorch training loop (imports torch only).
 
-    from tune_alr.policies import build, available
-    policy = build("feedback", optimizer, evaluate=probe)
-    ...
-    optimizer.step()
-    policy.step(loss.item())
+from tune_alr.policies import build, available
+policy = build("feedback", optimizer, evaluate=probe)
+...
+optimizer.step()
+policy.step(loss.item())
 """
 
 from .base import Policy

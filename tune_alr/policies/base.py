@@ -107,7 +107,7 @@ class Policy(LRScheduler):
 
     # -- LRScheduler interface ---------------------------------------------------------
 
-    def step(self, loss: float | None = None) -> None:  # type: ignore[override]
+    def step(self, loss: float | None = None) -> None:
         """Advance one optimizer step; ``loss`` is that step's training loss, if known."""
         if isinstance(loss, torch.Tensor):
             loss = float(loss.detach())
@@ -120,7 +120,7 @@ class Policy(LRScheduler):
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         """The LR of each parameter group: its base LR times the current factor."""
-        return [base * self.factor for base in self.base_lrs]
+        return [float(base) * self.factor for base in self.base_lrs]
 
     def state_dict(self) -> dict[str, Any]:
         """Every attribute except the optimizer and the ``evaluate`` callable."""
