@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEMO_POLICIES = ("constant", "step", "cyclic", "plateau", "feedback")
+DEMO_POLICIES = ("constant", "step", "cyclic", "plateau", "feedback", "hd", "meta")
 
 
 def _names(text: str) -> list[str]:

@@ -9,7 +9,9 @@ policy.step(loss.item())
 
 from .base import Policy
 from .feedback import Feedback, feedback_decision
+from .hd import HypergradientDescent
 from .interval import IntervalPolicy
+from .meta import Meta
 from .plateau import Plateau
 from .registry import available, build, check_name, check_params, register
 from .schedules import Constant, Cosine, Cyclic, StepDecay
@@ -19,7 +21,9 @@ __all__ = [
     "Cosine",
     "Cyclic",
     "Feedback",
+    "HypergradientDescent",
     "IntervalPolicy",
+    "Meta",
     "Plateau",
     "Policy",
     "StepDecay",

@@ -10,6 +10,8 @@ from torch.optim import Optimizer
 
 from .base import Evaluate, Policy
 from .feedback import Feedback, plan1_literal
+from .hd import HypergradientDescent
+from .meta import Meta
 from .plateau import Plateau
 from .schedules import Constant, Cosine, Cyclic, StepDecay
 
@@ -23,6 +25,8 @@ _REGISTRY: dict[str, Factory] = {
     "plateau": Plateau,
     "feedback": Feedback,
     "plan1-literal": plan1_literal,
+    "hd": HypergradientDescent,
+    "meta": Meta,
 }
 
 

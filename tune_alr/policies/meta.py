@@ -1,0 +1,212 @@
+"""Plan 2's meta-learning policy: a tiny network that sets the LR, trained online.
+
+Each step a controller (an MLP of 85 weights: 5 features -> 12 tanh -> 1) reads
+normalised signals of the primary learner and outputs a change of the log LR,
+``delta = max_step * tanh(output_scale * output)``. The controller is itself trained online, by Adam
+at ``meta_lr`` with gradient clipping (plan 2: 1e-4 and 1.0), on the hypergradient of
+the loss with respect to the log LR (DESIGN.md; Baydin et al., 2018):
+
+    dL(theta_t) / d log a_{t-1} = <g_t, u_{t-1}>
+
+so it needs no offline pre-training. That signal arrives two steps after the decision
+it grades (the decision sets the next LR, whose update is graded by the gradient after
+it), so the controller is trained on the features it saw then; the signal enters as the
+cosine of ``g_t`` and ``u_{t-1}`` so that its scale does not depend on the model.
+
+Features: the log LR relative to the start (in decades), the trend of the loss (fast
+EMA against slow EMA), the gradient norm against its EMA (log), the smoothed and the
+current cosine of the gradient with the last update.
+
+Initialised to behave as a constant LR (the output layer starts at zero). Guards:
+
+* short-horizon bias: greedy hypergradient methods shrink the LR too early, because
+  one-step-ahead optimal LRs are smaller than the best LR over a run. ``optimism``
+  shifts the target so that the controller settles where consecutive updates are
+  slightly anti-aligned (cosine = ``optimism``) rather than exactly orthogonal, and
+  ``min_factor`` floors the LR;
+* divergence: a non-finite loss or one above ``divergence_ratio`` times its slow EMA
+  halves the LR at once (``guard_cut``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .base import Evaluate, Policy, check_fraction, check_int, check_positive
+from .hypergrad import observe_update, snapshot
+
+N_FEATURES = 5
+_DECADE = math.log(10.0)
+
+
+def make_controller(hidden: int, seed: int) -> nn.Sequential:
+    """The controller MLP, output layer zeroed (delta = 0: a constant LR at first)."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # its own seed: building it must not move the user's RNG
+    try:
+        net = nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    last = net[2]
+    assert isinstance(last, nn.Linear)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return net.double()
+
+
+def _ema(old: float | None, new: float, beta: float) -> float:
+    return new if old is None else beta * old + (1.0 - beta) * new
+
+
+class Meta(Policy):
+    """A learned LR controller, trained online on the hypergradient (plan 2).
+
+    Keeps two copies of the parameters (the last update and the parameters before it)
+    and the controller (85 weights and their Adam state).
+
+    Args:
+        meta_lr: the controller's Adam LR. Default 1e-4 (plan 2).
+        meta_clip: gradient-norm clipping of the controller's update. Default 1.0 (plan 2).
+        max_step: the largest change of the log LR in one step. Default 0.05 (5%).
+        hidden: the controller's hidden width. Default 12 (85 weights).
+        optimism: the target cosine of gradient and last update, guarding against the
+            short-horizon bias. Default 0 (the greedy hypergradient target).
+        min_factor, max_factor: bounds on the LR as multiples of the initial LR.
+            Defaults 1e-2 and 1e3.
+        divergence_ratio: a loss above this multiple of its slow EMA counts as
+            divergence. Default 4.
+        guard_cut: LR multiplier when the guard trips, in (0, 1). Default 0.5.
+        output_scale: gain on the controller's output before the tanh. With Adam at
+            ``meta_lr`` moving each weight about ``meta_lr`` per step, this sets how fast
+            the controller can learn to move the LR. Default 10.
+        seed: the controller's initialisation seed. Default 0.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        meta_lr: float = 1e-4,
+        meta_clip: float = 1.0,
+        max_step: float = 0.05,
+        hidden: int = 12,
+        optimism: float = 0.0,
+        min_factor: float = 1e-2,
+        max_factor: float = 1e3,
+        divergence_ratio: float = 4.0,
+        guard_cut: float = 0.5,
+        output_scale: float = 10.0,
+        seed: int = 0,
+        total_steps: int | None = None,
+        evaluate: Evaluate | None = None,
+    ) -> None:
+        check_positive("meta_lr", meta_lr)
+        check_positive("meta_clip", meta_clip)
+        check_positive("max_step", max_step)
+        check_int("hidden", hidden)
+        if not (isinstance(optimism, (int, float)) and -1.0 < optimism < 1.0):
+            raise ValueError(f"optimism must be in (-1, 1), got {optimism!r}.")
+        check_fraction("min_factor", min_factor, high=1.0 + 1e-12)
+        if not (isinstance(max_factor, (int, float)) and max_factor >= 1.0):
+            raise ValueError(f"max_factor must be >= 1, got {max_factor!r}.")
+        if not (isinstance(divergence_ratio, (int, float)) and divergence_ratio > 1.0):
+            raise ValueError(f"divergence_ratio must be > 1, got {divergence_ratio!r}.")
+        check_fraction("guard_cut", guard_cut)
+        check_positive("output_scale", output_scale)
+        check_int("seed", seed, minimum=0)
+        self.output_scale = float(output_scale)
+        self.meta_lr = float(meta_lr)
+        self.meta_clip = float(meta_clip)
+        self.max_step = float(max_step)
+        self.optimism = float(optimism)
+        self.min_factor = float(min_factor)
+        self.max_factor = float(max_factor)
+        self.divergence_ratio = float(divergence_ratio)
+        self.guard_cut = guard_cut
+        self.controller = make_controller(hidden, seed)
+        self.meta_optimizer = torch.optim.Adam(self.controller.parameters(), lr=self.meta_lr)
+        self.previous, self.update = snapshot(optimizer)
+        # Normalisers and the features of the last two decisions (the graded one is t-2).
+        self.loss_fast: float | None = None
+        self.loss_slow: float | None = None
+        self.grad_norm_ema: float | None = None
+        self.cos_ema = 0.0
+        self.pending: list[list[float]] = []
+        self.features: list[float] = [0.0] * N_FEATURES
+        self.delta = 0.0
+        self.cos = 0.0
+        self.guard_trips = 0
+        super().__init__(optimizer, total_steps=total_steps, evaluate=evaluate)
+
+    # -- state: nest the controller and its optimizer, as ChainedScheduler nests ---------
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["controller"] = copy.deepcopy(self.controller.state_dict())
+        state["meta_optimizer"] = copy.deepcopy(self.meta_optimizer.state_dict())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        self.controller.load_state_dict(state.pop("controller"))
+        self.meta_optimizer.load_state_dict(state.pop("meta_optimizer"))
+        super().load_state_dict(state)
+
+    # -- the step ------------------------------------------------------------------
+
+    def _clamp(self, factor: float) -> float:
+        return min(self.max_factor, max(self.min_factor, factor))
+
+    def _features(self, loss: float, grad_norm: float) -> list[float]:
+        self.loss_fast = _ema(self.loss_fast, loss, 0.9)
+        self.loss_slow = _ema(self.loss_slow, loss, 0.99)
+        trend = (self.loss_fast - self.loss_slow) / (abs(self.loss_slow) + 1e-12)
+        self.grad_norm_ema = _ema(self.grad_norm_ema, grad_norm, 0.99)
+        grad_ratio = math.log((grad_norm + 1e-12) / (self.grad_norm_ema + 1e-12))
+        self.cos_ema = 0.9 * self.cos_ema + 0.1 * self.cos
+        return [
+            math.log(self.factor) / _DECADE,
+            max(-1.0, min(1.0, trend)),
+            max(-1.0, min(1.0, grad_ratio / 3.0)),
+            self.cos_ema,
+            self.cos,
+        ]
+
+    def _meta_update(self, graded: list[float], signal: float) -> None:
+        """One Adam step of the controller on ``signal * delta(graded features)``."""
+        x = torch.tensor(graded, dtype=torch.float64)
+        delta = self.max_step * torch.tanh(self.output_scale * self.controller(x)).squeeze()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        (signal * delta).backward()
+        nn.utils.clip_grad_norm_(self.controller.parameters(), self.meta_clip)
+        self.meta_optimizer.step()
+
+    def _next_factor(self, loss: float | None) -> float:
+        if self.last_epoch == 0:
+            return self.factor
+        alignment = observe_update(self.optimizer, self.previous, self.update)
+        if loss is None or not math.isfinite(loss) or not math.isfinite(alignment.dot):
+            return self._trip()
+        if self.loss_slow is not None and loss > self.divergence_ratio * self.loss_slow:
+            return self._trip()
+        self.cos = alignment.cos
+        if len(self.pending) == 2:
+            # The decision of two steps ago set the LR of u_{t-1}: grade it by <g_t, u_{t-1}>.
+            self._meta_update(self.pending.pop(0), self.cos - self.optimism)
+        self.features = self._features(loss, alignment.grad_norm)
+        with torch.no_grad():
+            output = self.controller(torch.tensor(self.features, dtype=torch.float64))
+        self.delta = float(self.max_step * torch.tanh(self.output_scale * output))
+        self.pending.append(self.features)
+        return self._clamp(self.factor * math.exp(self.delta))
+
+    def _trip(self) -> float:
+        self.guard_trips += 1
+        self.pending = []  # the graded decisions belong to a run that blew up
+        return self._clamp(self.factor * self.guard_cut)
