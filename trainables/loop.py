@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_alr.policies import Policy, build
+from tune_alr.policies import build
 
 from . import tasks
 from .config import TrialConfig
@@ -102,16 +102,6 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _finite_params(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def _policy_diagnostics(policy: Policy) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in policy.state_dict().items():
-        if key.startswith("_") or key in ("base_lrs", "last_epoch", "total_steps"):
-            continue
-        if isinstance(value, bool) or (isinstance(value, (int, float)) and math.isfinite(value)):
-            out[f"policy/{key}"] = float(value)
-    return out
 
 
 def train(
@@ -235,7 +225,7 @@ def train(
             "total_steps": total_steps,
             "lr_trace": lr_trace,
             "lr_trace_start": trace_start,
-            **_policy_diagnostics(policy),
+            **{f"policy/{k}": v for k, v in policy.diagnostics().items()},
         }
         if diverged or at_end:
             status = "diverged" if diverged else "finished"

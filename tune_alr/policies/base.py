@@ -73,6 +73,8 @@ class Policy(LRScheduler):
 
     #: Whether this policy calls ``evaluate`` when given one.
     uses_probe: bool = False
+    #: State attributes worth logging besides ``factor`` (see :meth:`diagnostics`).
+    diagnostic_keys: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -130,6 +132,17 @@ class Policy(LRScheduler):
         """Restore the state and write the restored LR into the optimizer."""
         self.__dict__.update({k: v for k, v in state_dict.items() if k not in _TRANSIENT})
         self._apply()
+
+    def diagnostics(self) -> dict[str, float]:
+        """The policy's state for logging (why the LR is where it is): ``factor`` and the
+        attributes a subclass names in ``diagnostic_keys``, where they are finite numbers.
+        """
+        out: dict[str, float] = {}
+        for key in ("factor", *self.diagnostic_keys):
+            value = getattr(self, key, None)
+            if isinstance(value, (bool, int, float)) and math.isfinite(value):
+                out[key] = float(value)
+        return out
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -91,6 +91,8 @@ class Feedback(IntervalPolicy):
             Defaults 1e-3 and 100. Use 0 and ``math.inf`` to disable.
     """
 
+    diagnostic_keys = ("checks", "last_signal", "streak", "cooldown_left", "guard_trips")
+
     def __init__(
         self,
         optimizer: Optimizer,

@@ -37,6 +37,8 @@ class HypergradientDescent(Policy):
             additive rule could otherwise make it negative). Defaults 1e-3 and 1e3.
     """
 
+    diagnostic_keys = ("hypergradient",)
+
     def __init__(
         self,
         optimizer: Optimizer,

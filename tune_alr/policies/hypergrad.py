@@ -15,6 +15,7 @@ resumed run continues bit for bit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,15 +55,15 @@ def observe_update(
     Then rolls the buffers forward in place: ``update`` becomes ``u_t`` and ``previous``
     the current parameters.
     """
-    dot = torch.zeros((), dtype=torch.float64)
-    grad_sq = torch.zeros((), dtype=torch.float64)
-    update_sq = torch.zeros((), dtype=torch.float64)
+    dot = grad_sq = update_sq = 0.0
     for p, prev, upd in zip(_params(optimizer), previous, update, strict=True):
+        flat_update = upd.view(-1)
         if p.grad is not None:
-            g = p.grad.detach()
-            dot += torch.sum(g * upd, dtype=torch.float64)
-            grad_sq += torch.sum(g * g, dtype=torch.float64)
-        update_sq += torch.sum(upd * upd, dtype=torch.float64)
+            # torch.dot on flat views: one fused pass each, no temporaries.
+            flat_grad = p.grad.detach().reshape(-1)
+            dot += float(torch.dot(flat_grad, flat_update))
+            grad_sq += float(torch.dot(flat_grad, flat_grad))
+        update_sq += float(torch.dot(flat_update, flat_update))
         torch.sub(p.detach(), prev, out=upd)
         prev.copy_(p.detach())
-    return Alignment(float(dot), float(grad_sq.sqrt()), float(update_sq.sqrt()))
+    return Alignment(dot, math.sqrt(grad_sq), math.sqrt(update_sq))

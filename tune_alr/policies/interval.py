@@ -29,6 +29,7 @@ class IntervalPolicy(Policy):
     """
 
     uses_probe = True
+    diagnostic_keys: tuple[str, ...] = ("checks", "last_signal")
 
     def __init__(
         self,

@@ -30,34 +30,83 @@ Initialised to behave as a constant LR (the output layer starts at zero). Guards
 
 from __future__ import annotations
 
-import copy
 import math
-from typing import Any
 
-import torch
-from torch import nn
+import numpy as np
 from torch.optim import Optimizer
 
 from .base import Evaluate, Policy, check_fraction, check_int, check_positive
 from .hypergrad import observe_update, snapshot
 
-N_FEATURES = 5
+FEATURE_NAMES = ("log_lr_decades", "loss_trend", "grad_norm_ratio", "cos_ema", "cos")
+N_FEATURES = len(FEATURE_NAMES)
 _DECADE = math.log(10.0)
 
 
-def make_controller(hidden: int, seed: int) -> nn.Sequential:
-    """The controller MLP, output layer zeroed (delta = 0: a constant LR at first)."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # its own seed: building it must not move the user's RNG
-    try:
-        net = nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, 1))
-    finally:
-        torch.random.set_rng_state(generator_state)
-    last = net[2]
-    assert isinstance(last, nn.Linear)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
-    return net.double()
+# The controller is 85 numbers: torch's per-op dispatch would cost more than the math,
+# so its forward, backward and Adam step are a few NumPy lines (float64).
+Controller = dict[str, np.ndarray]
+
+
+def make_controller(hidden: int, seed: int) -> Controller:
+    """Weights of ``5 -> hidden (tanh) -> 1``; the output layer is zero, so delta = 0.
+
+    The hidden layer is initialised as ``torch.nn.Linear`` does (uniform in
+    +-1/sqrt(fan_in)), from its own generator, so the user's RNG streams do not move.
+    """
+    rng = np.random.default_rng(seed)
+    bound = 1.0 / math.sqrt(N_FEATURES)
+    return {
+        "w1": rng.uniform(-bound, bound, size=(hidden, N_FEATURES)),
+        "b1": rng.uniform(-bound, bound, size=hidden),
+        "w2": np.zeros(hidden),
+        "b2": np.zeros(1),
+    }
+
+
+def controller_output(net: Controller, x: np.ndarray) -> tuple[float, np.ndarray]:
+    """The raw output and the hidden activations for features ``x``."""
+    hidden = np.tanh(net["w1"] @ x + net["b1"])
+    return float(net["w2"] @ hidden + net["b2"][0]), hidden
+
+
+def controller_gradient(net: Controller, x: np.ndarray, d_output: float) -> Controller:
+    """Gradient of ``d_output * output(x)`` with respect to every weight."""
+    _, hidden = controller_output(net, x)
+    d_pre = d_output * net["w2"] * (1.0 - hidden**2)
+    return {
+        "w1": np.outer(d_pre, x),
+        "b1": d_pre,
+        "w2": d_output * hidden,
+        "b2": np.array([d_output]),
+    }
+
+
+def adam_update(
+    net: Controller,
+    grads: Controller,
+    moments: dict[str, Controller],
+    step: int,
+    *,
+    lr: float,
+    clip: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> None:
+    """Clip ``grads`` to global norm ``clip``, then one Adam step on ``net`` (in place).
+
+    ``step`` counts from 1. Same arithmetic as ``torch.optim.Adam`` with its defaults.
+    """
+    norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads.values()))
+    scale = min(1.0, clip / (norm + 1e-6))
+    b1, b2 = betas
+    for key, grad in grads.items():
+        grad = grad * scale
+        m = moments["m"][key] = b1 * moments["m"][key] + (1 - b1) * grad
+        v = moments["v"][key] = b2 * moments["v"][key] + (1 - b2) * grad * grad
+        m_hat = m / (1 - b1**step)
+        v_hat = v / (1 - b2**step)
+        net[key] = net[key] - lr * m_hat / (np.sqrt(v_hat) + eps)
 
 
 def _ema(old: float | None, new: float, beta: float) -> float:
@@ -68,7 +117,8 @@ class Meta(Policy):
     """A learned LR controller, trained online on the hypergradient (plan 2).
 
     Keeps two copies of the parameters (the last update and the parameters before it)
-    and the controller (85 weights and their Adam state).
+    and the controller (85 weights and their Adam moments), all plain attributes, so the
+    generic ``state_dict`` holds everything a resumed run needs.
 
     Args:
         meta_lr: the controller's Adam LR. Default 1e-4 (plan 2).
@@ -78,7 +128,8 @@ class Meta(Policy):
         optimism: the target cosine of gradient and last update, guarding against the
             short-horizon bias. Default 0 (the greedy hypergradient target).
         min_factor, max_factor: bounds on the LR as multiples of the initial LR.
-            Defaults 1e-2 and 1e3.
+            Defaults 1e-2 (the floor against short-horizon shrinkage) and 1e5 (room to
+            recover a start far too low; the divergence guard handles too high).
         divergence_ratio: a loss above this multiple of its slow EMA counts as
             divergence. Default 4.
         guard_cut: LR multiplier when the guard trips, in (0, 1). Default 0.5.
@@ -87,6 +138,17 @@ class Meta(Policy):
             the controller can learn to move the LR. Default 10.
         seed: the controller's initialisation seed. Default 0.
     """
+
+    diagnostic_keys = (
+        "delta",
+        "cos",
+        "cos_ema",
+        "loss_fast",
+        "loss_slow",
+        "grad_norm_ema",
+        "guard_trips",
+        "meta_steps",
+    )
 
     def __init__(
         self,
@@ -98,7 +160,7 @@ class Meta(Policy):
         hidden: int = 12,
         optimism: float = 0.0,
         min_factor: float = 1e-2,
-        max_factor: float = 1e3,
+        max_factor: float = 1e5,
         divergence_ratio: float = 4.0,
         guard_cut: float = 0.5,
         output_scale: float = 10.0,
@@ -130,7 +192,11 @@ class Meta(Policy):
         self.divergence_ratio = float(divergence_ratio)
         self.guard_cut = guard_cut
         self.controller = make_controller(hidden, seed)
-        self.meta_optimizer = torch.optim.Adam(self.controller.parameters(), lr=self.meta_lr)
+        self.moments = {
+            "m": {k: np.zeros_like(v) for k, v in self.controller.items()},
+            "v": {k: np.zeros_like(v) for k, v in self.controller.items()},
+        }
+        self.meta_steps = 0
         self.previous, self.update = snapshot(optimizer)
         # Normalisers and the features of the last two decisions (the graded one is t-2).
         self.loss_fast: float | None = None
@@ -144,21 +210,13 @@ class Meta(Policy):
         self.guard_trips = 0
         super().__init__(optimizer, total_steps=total_steps, evaluate=evaluate)
 
-    # -- state: nest the controller and its optimizer, as ChainedScheduler nests ---------
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["controller"] = copy.deepcopy(self.controller.state_dict())
-        state["meta_optimizer"] = copy.deepcopy(self.meta_optimizer.state_dict())
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = dict(state_dict)
-        self.controller.load_state_dict(state.pop("controller"))
-        self.meta_optimizer.load_state_dict(state.pop("meta_optimizer"))
-        super().load_state_dict(state)
-
     # -- the step ------------------------------------------------------------------
+
+    def diagnostics(self) -> dict[str, float]:
+        """Adds the controller's current features and output (delta of the log LR)."""
+        out = super().diagnostics()
+        out.update({f"feature/{n}": v for n, v in zip(FEATURE_NAMES, self.features, strict=True)})
+        return out
 
     def _clamp(self, factor: float) -> float:
         return min(self.max_factor, max(self.min_factor, factor))
@@ -178,14 +236,23 @@ class Meta(Policy):
             self.cos,
         ]
 
+    def _delta(self, output: float) -> float:
+        return self.max_step * math.tanh(self.output_scale * output)
+
     def _meta_update(self, graded: list[float], signal: float) -> None:
         """One Adam step of the controller on ``signal * delta(graded features)``."""
-        x = torch.tensor(graded, dtype=torch.float64)
-        delta = self.max_step * torch.tanh(self.output_scale * self.controller(x)).squeeze()
-        self.meta_optimizer.zero_grad(set_to_none=True)
-        (signal * delta).backward()
-        nn.utils.clip_grad_norm_(self.controller.parameters(), self.meta_clip)
-        self.meta_optimizer.step()
+        x = np.asarray(graded)
+        output, _ = controller_output(self.controller, x)
+        # d delta / d output, through the tanh and the output scale
+        slope = (
+            self.max_step * self.output_scale * (1.0 - math.tanh(self.output_scale * output) ** 2)
+        )
+        grads = controller_gradient(self.controller, x, signal * slope)
+        self.meta_steps += 1
+        adam_update(
+            self.controller, grads, self.moments, self.meta_steps,
+            lr=self.meta_lr, clip=self.meta_clip,
+        )  # fmt: skip
 
     def _next_factor(self, loss: float | None) -> float:
         if self.last_epoch == 0:
@@ -200,9 +267,8 @@ class Meta(Policy):
             # The decision of two steps ago set the LR of u_{t-1}: grade it by <g_t, u_{t-1}>.
             self._meta_update(self.pending.pop(0), self.cos - self.optimism)
         self.features = self._features(loss, alignment.grad_norm)
-        with torch.no_grad():
-            output = self.controller(torch.tensor(self.features, dtype=torch.float64))
-        self.delta = float(self.max_step * torch.tanh(self.output_scale * output))
+        output, _ = controller_output(self.controller, np.asarray(self.features))
+        self.delta = self._delta(output)
         self.pending.append(self.features)
         return self._clamp(self.factor * math.exp(self.delta))
 

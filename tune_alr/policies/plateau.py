@@ -27,6 +27,8 @@ class Plateau(IntervalPolicy):
             Default 1e-3.
     """
 
+    diagnostic_keys = ("checks", "last_signal", "best", "bad_checks")
+
     def __init__(
         self,
         optimizer: Optimizer,
