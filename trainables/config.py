@@ -12,6 +12,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from tune_alr.policies import build
 
 from . import tasks
+from .data import SplitPlan
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 
@@ -58,6 +60,11 @@ class TrialConfig:
     limit_train: int | None = None
     threads: int | None = None
     max_bad_steps: int = 20
+    task_params: Mapping[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
+    budget: float | None = None
+    val_size: int = 2000
+    test_size: int | None = 5000
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> TrialConfig:
@@ -102,11 +109,35 @@ class TrialConfig:
         if self.threads is not None:
             _require_int("threads", self.threads, 1)
         _require_int("max_bad_steps", self.max_bad_steps, 1)
+        tasks.get(self.task).resolve_params(dict(self.task_params))
+        if self.budget is not None and not (
+            isinstance(self.budget, (int, float)) and 0 < self.budget <= 1
+        ):
+            raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget!r}.")
+        _require_int("val_size", self.val_size, 1)
+        if self.test_size is not None:
+            _require_int("test_size", self.test_size, 1)
+        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
+            raise ValueError(
+                f"data dir {self.data_dir!r} does not exist; give a folder laid out as "
+                "<dir>/<task>/{train,test}.parquet (see ../shared/data/README.md)."
+            )
         return self
+
+    def split_plan(self) -> SplitPlan:
+        """How the task's data is cut into train / validation / test."""
+        return SplitPlan(
+            data_seed=self.data_seed,
+            val_size=self.val_size,
+            test_size=self.test_size,
+            limit_train=self.limit_train,
+            budget=self.budget,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (what Ray Tune passes around and MLflow logs as params)."""
         out = dataclasses.asdict(self)
         out["policy_params"] = dict(self.policy_params)
         out["optimizer_params"] = dict(self.optimizer_params)
+        out["task_params"] = dict(self.task_params)
         return out

@@ -49,7 +49,7 @@ class TaskData:
 
     train: Split
     val: Split
-    test: Split
+    test: Split | None
     probe: Split
     num_classes: int
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -78,18 +78,95 @@ def probe_subset(val: Split, size: int, seed: int) -> Split:
     return val.take(torch.sort(index).values)
 
 
-def load_digits(*, data_seed: int, probe_size: int, limit_train: int | None = None) -> TaskData:
-    """scikit-learn's bundled 8x8 digits (1,797 images): 60/20/20 stratified, standardised."""
+def _subset(n: int, size: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset of ``range(n)`` (all when ``size`` is None)."""
+    if size is None or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:size])
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How to cut a dataset: sizes and the seed. ``budget`` scales the training split."""
+
+    data_seed: int
+    val_size: int
+    test_size: int | None
+    limit_train: int | None = None
+    budget: float | None = None
+
+    def train_size(self, n: int) -> int | None:
+        sizes = [self.limit_train] if self.limit_train is not None else []
+        if self.budget is not None:
+            sizes.append(max(1, int(np.ceil(n * self.budget))))
+        return min(sizes) if sizes else None
+
+
+def carve(
+    splits: dict[str, tuple[np.ndarray, np.ndarray]], plan: SplitPlan
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """Train / val / test arrays from the raw splits, and notes on what was done.
+
+    Validation is a stratified, seeded carve of the training split. A source with only a
+    test split (AG News in ../shared/data) gives train and validation carved from it and
+    no test split, and the notes say so.
+    """
+    notes: list[str] = []
+    if "train" in splits:
+        x, y = splits["train"]
+        test = splits.get("test")
+    else:
+        x, y = splits["test"]
+        test = None
+        notes.append(
+            f"no train split in the source: train and validation carved (stratified, seed "
+            f"{plan.data_seed}) from its {len(y)}-row test split; no test split is left"
+        )
+    rest, val_idx = stratified_split(y, min(0.5, plan.val_size / len(y)), plan.data_seed)
+    keep = _subset(len(rest), plan.train_size(len(rest)), plan.data_seed + 1)
+    train_idx = rest[keep]
+    out = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx])}
+    if test is not None:
+        tx, ty = test
+        test_idx = _subset(len(ty), plan.test_size, plan.data_seed + 2)
+        out["test"] = (tx[test_idx], ty[test_idx])
+    if len(train_idx) < len(rest):
+        notes.append(f"training on {len(train_idx)} of {len(rest)} training rows")
+    return out, notes
+
+
+def image_splits(
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]], shape: tuple[int, int, int], hwc: bool
+) -> dict[str, Split]:
+    """uint8 images -> float tensors ``[N, C, H, W]`` standardised with train statistics."""
+    c, h, w = shape
+    train_x = arrays["train"][0].astype(np.float32) / 255.0
+    mean, std = float(train_x.mean()), float(train_x.std()) or 1.0
+    out = {}
+    for name, (x, y) in arrays.items():
+        images = x.astype(np.float32).reshape(len(x), *((h, w, c) if hwc else (c, h, w)))
+        if hwc:
+            images = images.transpose(0, 3, 1, 2)
+        images = (images / 255.0 - mean) / std
+        out[name] = Split((torch.from_numpy(np.ascontiguousarray(images)),), torch.from_numpy(y))
+    return out
+
+
+def load_digits(plan: SplitPlan, probe_size: int) -> TaskData:
+    """scikit-learn's bundled 8x8 digits (1,797 images): 60/20/20 stratified, standardised.
+
+    The split is fixed by ``plan.data_seed``; ``plan``'s limit and budget shrink train.
+    """
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
     x = bunch.data.astype(np.float32).reshape(-1, 1, 8, 8)
     y = bunch.target.astype(np.int64)
+    data_seed = plan.data_seed
     rest, test_idx = stratified_split(y, 0.2, data_seed)
     train_rel, val_rel = stratified_split(y[rest], 0.25, data_seed + 1)
     train_idx, val_idx = rest[train_rel], rest[val_rel]
-    if limit_train is not None:
-        train_idx = train_idx[:limit_train]
+    train_idx = train_idx[_subset(len(train_idx), plan.train_size(len(train_idx)), data_seed)]
     # Normalise with statistics of the training split only.
     mean, std = float(x[train_idx].mean()), float(x[train_idx].std())
 

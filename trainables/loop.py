@@ -20,7 +20,10 @@ The metrics of each report:
   ``lr_trace_start``, the step number of its first entry (steps count from 1);
 * ``policy/<name>``: the policy's own numeric diagnostics (its factor, checks, ...);
 * ``status``: ``"running"``, then ``"finished"`` or ``"diverged"`` in the last report,
-  which also carries ``test_loss``, ``test_acc`` and ``best_val_acc``.
+  which also carries ``best_val_acc`` and, where the task has a test split,
+  ``test_loss`` and ``test_acc``;
+* ``data_notes`` (first report only, when the loader has any): where the data came from
+  and how it was cut.
 """
 
 from __future__ import annotations
@@ -229,8 +232,11 @@ def train(
         }
         if diverged or at_end:
             status = "diverged" if diverged else "finished"
-            test_loss, test_acc = evaluate(model, data.test)
-            metrics.update(test_loss=test_loss, test_acc=test_acc, best_val_acc=best_val_acc)
+            metrics["best_val_acc"] = best_val_acc
+            if data.test is not None:
+                metrics["test_loss"], metrics["test_acc"] = evaluate(model, data.test)
+        if data.notes and trace_start == 1:
+            metrics["data_notes"] = "; ".join(data.notes)
         metrics["status"] = status
 
         # No checkpoint ever holds non-finite weights: a diverged run reports without one.

@@ -13,10 +13,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from . import data as data_mod
-from .models import DigitsCNN
+from . import hub, text
+from .models import DigitsCNN, Plan1CNN, Plan2CNN, TextLSTM
 
 if TYPE_CHECKING:
     from .config import TrialConfig
@@ -32,7 +34,8 @@ class Task:
         load: ``load(config) -> TaskData``.
         model: ``model(data, config) -> nn.Module`` (built after seeding, so seeded).
         defaults: the task's default trial settings (optimizer, lr, batch_size, epochs,
-            and optionally clip_grad).
+            and optionally clip_grad, report_every).
+        params: the task's own options (``task_params``) and their defaults.
     """
 
     name: str
@@ -40,9 +43,34 @@ class Task:
     load: Callable[[TrialConfig], data_mod.TaskData]
     model: Callable[[data_mod.TaskData, TrialConfig], nn.Module]
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def build_model(self, data: data_mod.TaskData, config: TrialConfig) -> nn.Module:
         return self.model(data, config)
+
+    def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The task's options with ``given`` applied; ``ValueError`` for an unknown one."""
+        unknown = sorted(set(given) - set(self.params))
+        if unknown:
+            accepted = ", ".join(f"{k} (default {v!r})" for k, v in self.params.items())
+            raise ValueError(
+                f"task {self.name!r} has no option {', '.join(map(repr, unknown))}; "
+                f"it accepts: {accepted or 'none'}."
+            )
+        resolved = {**self.params, **given}
+        for key, default in self.params.items():
+            value = resolved[key]
+            if isinstance(default, int) and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"task option {key} must be an integer >= 1, got {value!r}.")
+            if key in self.choices and value not in self.choices[key]:
+                raise ValueError(
+                    f"task option {key} must be one of {', '.join(self.choices[key])}, "
+                    f"got {value!r}."
+                )
+        return resolved
 
 
 _TASKS: dict[str, Task] = {}
@@ -66,13 +94,163 @@ def get(name: str) -> Task:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(available())}.") from None
 
 
+def _load_real(c: TrialConfig) -> tuple[hub.Source, dict[str, Any], list[str]]:
+    source = hub.SOURCES[c.task]
+    raw = hub.load_raw(source, hub.data_dir_from(c.data_dir))
+    for split, (_, labels) in raw.splits.items():
+        hub.check_labels(labels, source.num_classes, f"{raw.origin}, split {split!r}")
+    arrays, notes = data_mod.carve(raw.splits, c.split_plan())
+    return source, arrays, [f"data from {raw.origin}", *notes]
+
+
+def _task_data(
+    splits: dict[str, data_mod.Split], c: TrialConfig, num_classes: int, notes: list[str]
+) -> data_mod.TaskData:
+    return data_mod.TaskData(
+        train=splits["train"],
+        val=splits["val"],
+        test=splits.get("test"),
+        probe=data_mod.probe_subset(splits["val"], c.probe_size, c.data_seed),
+        num_classes=num_classes,
+        notes=tuple(notes),
+    )
+
+
+def _image_loader(shape: tuple[int, int, int], hwc: bool) -> Callable[[TrialConfig], Any]:
+    def load(c: TrialConfig) -> data_mod.TaskData:
+        source, arrays, notes = _load_real(c)
+        width = arrays["train"][0].reshape(len(arrays["train"][0]), -1).shape[1]
+        if width != shape[0] * shape[1] * shape[2]:
+            raise hub.DataUnavailable(
+                f"{source.task} images have {width} values each; expected "
+                f"{shape[0] * shape[1] * shape[2]} ({'x'.join(map(str, shape))})."
+            )
+        return _task_data(data_mod.image_splits(arrays, shape, hwc), c, source.num_classes, notes)
+
+    return load
+
+
+def _load_text(c: TrialConfig) -> data_mod.TaskData:
+    source, arrays, notes = _load_real(c)
+    params = get(c.task).resolve_params(c.task_params)
+    tokenizer = text.train_tokenizer(list(arrays["train"][0]), params["vocab_size"])
+    splits = {
+        name: data_mod.Split(
+            text.encode(tokenizer, list(x), params["max_len"]), torch.from_numpy(y)
+        )
+        for name, (x, y) in arrays.items()
+    }
+    notes.append(f"vocabulary of {tokenizer.get_vocab_size()} words from the training split")
+    return _task_data(splits, c, source.num_classes, notes)
+
+
+def _text_model(bidirectional: bool) -> Callable[[data_mod.TaskData, TrialConfig], nn.Module]:
+    def build(d: data_mod.TaskData, c: TrialConfig) -> nn.Module:
+        p = get(c.task).resolve_params(c.task_params)
+        return TextLSTM(
+            p["vocab_size"],
+            d.num_classes,
+            embed_dim=p["embed_dim"],
+            hidden=p["hidden"],
+            layers=p["layers"],
+            bidirectional=bidirectional,
+        )
+
+    return build
+
+
+def _mnist_model(d: data_mod.TaskData, c: TrialConfig) -> nn.Module:
+    variant = get("mnist").resolve_params(c.task_params)["model"]
+    return Plan1CNN(d.num_classes) if variant == "plan1" else Plan2CNN(1, 28, d.num_classes)
+
+
+register(
+    Task(
+        name="mnist",
+        description="MNIST (ylecun/mnist); plan 1's CNN, or plan 2's with model=plan2",
+        load=_image_loader((1, 28, 28), hwc=False),
+        model=_mnist_model,
+        defaults={
+            "optimizer": "adam",
+            "lr": 1e-3,
+            "batch_size": 32,
+            "epochs": 2,
+            "report_every": 100,
+        },
+        params={"model": "plan1"},
+        choices={"model": ("plan1", "plan2")},
+    )
+)
+register(
+    Task(
+        name="cifar10",
+        description="CIFAR-10 (uoft-cs/cifar10); plan 2's CNN conv32-pool-conv64-pool-fc128",
+        load=_image_loader((3, 32, 32), hwc=True),
+        model=lambda d, c: Plan2CNN(3, 32, d.num_classes),
+        # ../shared/data holds a 4,000-image subset: a 2,000-image validation would halve it
+        defaults={
+            "optimizer": "adam",
+            "lr": 1e-3,
+            "batch_size": 64,
+            "epochs": 5,
+            "report_every": 50,
+            "val_size": 800,
+        },
+    )
+)
+register(
+    Task(
+        name="imdb",
+        description="IMDB sentiment (stanfordnlp/imdb); embedding + LSTM (layers=1 or 2)",
+        load=_load_text,
+        model=_text_model(bidirectional=False),
+        defaults={
+            "optimizer": "adam",
+            "lr": 1e-3,
+            "batch_size": 32,
+            "epochs": 2,
+            "clip_grad": 1.0,
+            "report_every": 100,
+        },
+        params={
+            "vocab_size": 20000,
+            "max_len": 256,
+            "embed_dim": 128,
+            "hidden": 128,
+            "layers": 1,
+        },
+    )
+)
+register(
+    Task(
+        name="ag_news",
+        description="AG News topics (fancyzhx/ag_news); embedding + BiLSTM",
+        load=_load_text,
+        model=_text_model(bidirectional=True),
+        # 6,000 / 1,600 from the 7,600-row test split when no train split exists (DESIGN.md)
+        defaults={
+            "optimizer": "adam",
+            "lr": 1e-3,
+            "batch_size": 32,
+            "epochs": 2,
+            "clip_grad": 1.0,
+            "report_every": 50,
+            "val_size": 1600,
+        },
+        params={
+            "vocab_size": 20000,
+            "max_len": 64,
+            "embed_dim": 128,
+            "hidden": 64,
+            "layers": 1,
+        },
+    )
+)
 register(
     Task(
         name="digits",
         description="scikit-learn's bundled 8x8 digits, small CNN (embedded, no download)",
-        load=lambda c: data_mod.load_digits(
-            data_seed=c.data_seed, probe_size=c.probe_size, limit_train=c.limit_train
-        ),
+        load=lambda c: data_mod.load_digits(c.split_plan(), c.probe_size),
         model=lambda d, c: DigitsCNN(d.num_classes),
         defaults={"optimizer": "adam", "lr": 1e-3, "batch_size": 32, "epochs": 10},
     )

@@ -36,7 +36,7 @@ TRIAL_TAG = "tune_alr.trial_id"
 STATUS_TAG = "tune_alr.status"
 _BATCH = 500  # MLflow accepts at most 1000 metrics per log_batch
 # "lr" in a report is the LR after its last step; the trace already holds one per step.
-_SKIP_METRICS = {"lr", "lr_trace", "lr_trace_start", "status", "config"}
+_SKIP_METRICS = {"lr", "lr_trace", "lr_trace_start", "status", "config", "data_notes"}
 _SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
 
 
@@ -230,6 +230,8 @@ class TrialLogger:
             state.curve.append((step, float(result["val_loss"]), float(result["val_acc"])))
         if "status" in result:
             self._client.set_tag(state.run_id, STATUS_TAG, str(result["status"]))
+        if "data_notes" in result:
+            self._client.set_tag(state.run_id, "tune_alr.data", str(result["data_notes"])[:5000])
         state.last_step = step
 
     def finish(self, trial_id: str, status: str, error: str | None = None) -> None:
