@@ -65,6 +65,8 @@ class TrialConfig:
     budget: float | None = None
     val_size: int = 2000
     test_size: int | None = 5000
+    target: float | None = None
+    label: str | None = None
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> TrialConfig:
@@ -114,6 +116,14 @@ class TrialConfig:
             isinstance(self.budget, (int, float)) and 0 < self.budget <= 1
         ):
             raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget!r}.")
+        if self.target is not None and not (
+            isinstance(self.target, (int, float)) and 0 < self.target <= 1
+        ):
+            raise ValueError(
+                f"target must be a validation accuracy in (0, 1], got {self.target!r}."
+            )
+        if self.label is not None and (not isinstance(self.label, str) or "/" in self.label):
+            raise ValueError(f"label must be a name without '/', got {self.label!r}.")
         _require_int("val_size", self.val_size, 1)
         if self.test_size is not None:
             _require_int("test_size", self.test_size, 1)

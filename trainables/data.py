@@ -87,7 +87,12 @@ def _subset(n: int, size: int | None, seed: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SplitPlan:
-    """How to cut a dataset: sizes and the seed. ``budget`` scales the training split."""
+    """How to cut a dataset: sizes and the seed.
+
+    ``budget`` (a fraction) scales the training split, and the validation and test
+    splits too, but not below 500 and 1,000 rows (or their full size if smaller), so
+    that a short run still measures accuracy to about a percent.
+    """
 
     data_seed: int
     val_size: int
@@ -100,6 +105,19 @@ class SplitPlan:
         if self.budget is not None:
             sizes.append(max(1, int(np.ceil(n * self.budget))))
         return min(sizes) if sizes else None
+
+    def _scaled(self, size: int, floor: int) -> int:
+        if self.budget is None:
+            return size
+        return max(min(size, floor), int(np.ceil(size * self.budget)))
+
+    @property
+    def val_rows(self) -> int:
+        return self._scaled(self.val_size, 500)
+
+    @property
+    def test_rows(self) -> int | None:
+        return None if self.test_size is None else self._scaled(self.test_size, 1000)
 
 
 def carve(
@@ -122,13 +140,13 @@ def carve(
             f"no train split in the source: train and validation carved (stratified, seed "
             f"{plan.data_seed}) from its {len(y)}-row test split; no test split is left"
         )
-    rest, val_idx = stratified_split(y, min(0.5, plan.val_size / len(y)), plan.data_seed)
+    rest, val_idx = stratified_split(y, min(0.5, plan.val_rows / len(y)), plan.data_seed)
     keep = _subset(len(rest), plan.train_size(len(rest)), plan.data_seed + 1)
     train_idx = rest[keep]
     out = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx])}
     if test is not None:
         tx, ty = test
-        test_idx = _subset(len(ty), plan.test_size, plan.data_seed + 2)
+        test_idx = _subset(len(ty), plan.test_rows, plan.data_seed + 2)
         out["test"] = (tx[test_idx], ty[test_idx])
     if len(train_idx) < len(rest):
         notes.append(f"training on {len(train_idx)} of {len(rest)} training rows")

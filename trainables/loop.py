@@ -22,6 +22,8 @@ The metrics of each report:
 * ``status``: ``"running"``, then ``"finished"`` or ``"diverged"`` in the last report,
   which also carries ``best_val_acc`` and, where the task has a test split,
   ``test_loss`` and ``test_acc``;
+* ``steps_to_target``, ``wall_s_to_target``: from the first report whose ``val_acc``
+  reached ``target`` on, when a target is set (time to target at report granularity);
 * ``data_notes`` (first report only, when the loader has any): where the data came from
   and how it was cut.
 """
@@ -150,6 +152,7 @@ def train(
     step, position, wall_s, skipped, bad_run = 0, 0, 0.0, 0, 0
     permutation: torch.Tensor | None = None
     best_val_acc = -math.inf
+    reached: tuple[int, float] | None = None  # (step, wall_s) when val_acc first >= target
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -162,6 +165,7 @@ def train(
         step, position, wall_s = resume["step"], resume["position"], resume["wall_s"]
         skipped, permutation = resume["skipped"], resume["permutation"]
         best_val_acc = resume["best_val_acc"]
+        reached = resume["reached"]
 
     model.train()
     lr_trace: list[float] = []
@@ -215,6 +219,8 @@ def train(
         elapsed = time.perf_counter() - window_t0
         wall_s += elapsed
         best_val_acc = max(best_val_acc, val_acc)
+        if cfg.target is not None and reached is None and val_acc >= cfg.target:
+            reached = (step, wall_s)
         metrics: dict[str, Any] = {
             "step": step,
             "epoch": step / steps_per_epoch,
@@ -230,6 +236,8 @@ def train(
             "lr_trace_start": trace_start,
             **{f"policy/{k}": v for k, v in policy.diagnostics().items()},
         }
+        if reached is not None:
+            metrics["steps_to_target"], metrics["wall_s_to_target"] = reached
         if diverged or at_end:
             status = "diverged" if diverged else "finished"
             metrics["best_val_acc"] = best_val_acc
@@ -258,6 +266,7 @@ def train(
                         "wall_s": wall_s,
                         "skipped": skipped,
                         "best_val_acc": best_val_acc,
+                        "reached": reached,
                         "config": cfg.to_dict(),
                     },
                     Path(checkpoint_dir) / CHECKPOINT_FILE,

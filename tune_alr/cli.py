@@ -93,14 +93,23 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a grid of tasks x policies x seeds")
     _add_common(run, name="tune-alr")
-    run.add_argument("--tasks", type=_names, default=["digits"], help="comma-separated")
     run.add_argument(
-        "--policies", type=_names, default=["constant", "feedback"], help="comma-separated"
+        "--preset", help="plan1 or plan2: the research plans' grids (flags below override)"
     )
+    run.add_argument("--tasks", type=_names, help="comma-separated (default: digits)")
+    run.add_argument("--policies", type=_names, help="comma-separated (default: constant,feedback)")
+    run.add_argument(
+        "--budget", type=float, help="fraction in (0, 1] scaling epochs and data (e.g. 0.05)"
+    )
+    run.add_argument("--target", type=float, help="validation accuracy to time (e.g. 0.97)")
+    run.add_argument(
+        "--data-dir", help="folder of local Parquet copies (default: $TUNE_ALR_DATA_DIR, else hub)"
+    )
+    run.add_argument("--limit-train", type=int, help="use at most N training rows")
     run.add_argument("--lr", type=float, help="initial LR (default: the task's)")
     run.add_argument("--optimizer", help="sgd, adam, adamw or rmsprop (default: the task's)")
     run.add_argument("--batch-size", type=int, help="(default: the task's)")
-    run.add_argument("--report-every", type=int, default=50, help="steps between reports")
+    run.add_argument("--report-every", type=int, help="steps between reports (task default)")
     run.add_argument(
         "--policy-param",
         action="append",
@@ -169,25 +178,46 @@ def _run(exp: Any) -> int:
     return 1 if failed else 0
 
 
+def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """Experiment fields of ``tune-alr run``: the preset's, then the flags given."""
+    from .presets import preset
+
+    fields: dict[str, Any] = preset(args.preset) if args.preset else {}
+    fields.setdefault("tasks", ["digits"])
+    fields.setdefault("policies", ["constant", "feedback"])
+    flags = {
+        "tasks": args.tasks,
+        "policies": args.policies,
+        "lr": args.lr,
+        "optimizer": args.optimizer,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "budget": args.budget,
+        "target": args.target,
+    }
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    trial = _assignments(args.set, "--set")
+    for key, value in (
+        ("data_dir", args.data_dir),
+        ("limit_train", args.limit_train),
+        ("report_every", args.report_every),
+    ):
+        if value is not None:
+            trial[key] = value
+    if "report_every" in trial:
+        fields["report_every"] = trial.pop("report_every")
+    fields["trial"] = trial
+    fields["policy_params"] = _policy_params(args.policy_param)
+    return fields
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "demo":
             return _run(_experiment(args, tasks=["digits"], policies=list(DEMO_POLICIES)))
         if args.command == "run":
-            return _run(
-                _experiment(
-                    args,
-                    tasks=args.tasks,
-                    policies=args.policies,
-                    lr=args.lr,
-                    optimizer=args.optimizer,
-                    batch_size=args.batch_size,
-                    report_every=args.report_every,
-                    policy_params=_policy_params(args.policy_param),
-                    trial=_assignments(args.set, "--set"),
-                )
-            )
+            return _run(_experiment(args, **_run_fields(args)))
         if args.command == "report":
             return _report(args)
         if args.command == "ui":

@@ -28,7 +28,29 @@ from trainables.config import TrialConfig
 from . import report, tracking
 
 #: Trial settings the Experiment sets itself (the grid and its shared options).
-_GRID_KEYS = ("task", "policy", "seed", "policy_params")
+_GRID_KEYS = ("task", "policy", "seed", "policy_params", "label", "task_params", "budget")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One compared configuration: a policy with its own optimizer, LR and parameters.
+
+    A plain policy name in ``Experiment.policies`` is the arm of that name with the
+    experiment's optimizer and LR. Arms let one experiment compare, e.g., ``meta`` on
+    SGD against fixed-LR SGD, Adam and RMSprop (plan 2).
+
+    Args:
+        label: the name in tables, plots and MLflow run names (no '/').
+        policy: the policy (``tune_alr.policies.available()``).
+        optimizer, lr: override the experiment's (``None`` keeps them).
+        params: keyword arguments for the policy.
+    """
+
+    label: str
+    policy: str
+    optimizer: str | None = None
+    lr: float | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -38,13 +60,19 @@ class Experiment:
     Args:
         name: the experiment's name (Ray Tune folder, MLflow experiment, output folder).
         tasks: task names (``trainables.tasks.available()``).
-        policies: policy names (``tune_alr.policies.available()``).
+        policies: policy names (``tune_alr.policies.available()``) or :class:`Arm` s.
         seeds: a number of seeds (0..n-1) or the seeds themselves. Seeds are paired:
             the same seed gives the same initial weights and data order for every policy.
         optimizer, lr, batch_size, epochs: override the task defaults (``None`` keeps them).
         max_steps: cap on optimizer steps per trial.
-        report_every: optimizer steps between reports (validation, checkpoint, MLflow).
+        report_every: optimizer steps between reports (validation, checkpoint, MLflow);
+            ``None``: the task's default.
         policy_params: per policy name, keyword arguments for ``policies.build``.
+        task_params: per task name, the task's options (e.g. ``{"imdb": {"layers": 2}}``).
+        budget: a fraction in (0, 1] that scales epochs and the data (training rows,
+            and validation and test rows down to floors): compute scales about as its
+            square. ``None`` runs the full settings.
+        target: a validation accuracy; trials report steps and seconds to reach it.
         trial: any other ``TrialConfig`` field, the same for every trial (e.g.
             ``{"clip_grad": 1.0, "limit_train": 5000}``).
         cpus_per_trial, gpus_per_trial: Ray resources of each trial.
@@ -61,15 +89,18 @@ class Experiment:
 
     name: str = "tune-alr"
     tasks: Sequence[str] = ("digits",)
-    policies: Sequence[str] = ("constant", "feedback")
+    policies: Sequence[str | Arm] = ("constant", "feedback")
     seeds: int | Sequence[int] = 3
     optimizer: str | None = None
     lr: float | None = None
     batch_size: int | None = None
     epochs: int | None = None
     max_steps: int | None = None
-    report_every: int = 50
+    report_every: int | None = None
     policy_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    task_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    budget: float | None = None
+    target: float | None = None
     trial: Mapping[str, Any] = field(default_factory=dict)
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
@@ -110,15 +141,23 @@ class Experiment:
     def uri(self) -> str:
         return self.tracking_uri or tracking.default_tracking_uri()
 
+    @property
+    def arms(self) -> list[Arm]:
+        """The compared configurations, plain policy names turned into arms."""
+        return [
+            p
+            if isinstance(p, Arm)
+            else Arm(label=p, policy=p, params=self.policy_params.get(p, {}))
+            for p in self.policies
+        ]
+
     def shared_trial_settings(self) -> dict[str, Any]:
         """The TrialConfig fields every trial shares (``None`` = the task's default)."""
         settings = {
-            "optimizer": self.optimizer,
-            "lr": self.lr,
             "batch_size": self.batch_size,
-            "epochs": self.epochs,
             "max_steps": self.max_steps,
             "report_every": self.report_every,
+            "target": self.target,
             **dict(self.trial),
         }
         clash = sorted(set(self.trial) & set(_GRID_KEYS))
@@ -129,27 +168,54 @@ class Experiment:
             )
         return settings
 
+    def arm_settings(self, arm: Arm) -> dict[str, Any]:
+        """The TrialConfig fields an arm sets."""
+        return {
+            "label": arm.label,
+            "policy": arm.policy,
+            "optimizer": arm.optimizer or self.optimizer,
+            "lr": arm.lr if arm.lr is not None else self.lr,
+            "policy_params": dict(arm.params),
+        }
+
+    def task_settings(self, task: str) -> dict[str, Any]:
+        """The TrialConfig fields that depend on the task: its options and the budget."""
+        out: dict[str, Any] = {"task": task, "task_params": dict(self.task_params.get(task, {}))}
+        if self.budget is not None:
+            from trainables import tasks as task_registry
+
+            epochs = self.epochs or task_registry.get(task).defaults.get("epochs", 1)
+            out["epochs"] = max(1, round(epochs * self.budget))
+            out["budget"] = self.budget
+        else:
+            out["epochs"] = self.epochs
+        return out
+
     def trial_configs(self) -> list[TrialConfig]:
         """Every grid point as a validated TrialConfig (raises ``ValueError``)."""
         shared = self.shared_trial_settings()
-        unknown = sorted(set(self.policy_params) - set(self.policies))
+        names = {a.policy for a in self.arms}
+        unknown = sorted(set(self.policy_params) - names)
         if unknown:
             raise ValueError(
-                f"policy_params given for {unknown}, which are not in "
-                f"policies={list(self.policies)}."
+                f"policy_params given for {unknown}, which are not in the policies {sorted(names)}."
             )
+        unknown = sorted(set(self.task_params) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"task_params given for {unknown}, which are not in tasks.")
+        if self.budget is not None and not (
+            isinstance(self.budget, (int, float)) and 0 < self.budget <= 1
+        ):
+            raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget!r}.")
+        labels = [a.label for a in self.arms]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"arm labels must be unique, got {labels}.")
         return [
             TrialConfig.from_dict(
-                {
-                    **shared,
-                    "task": task,
-                    "policy": policy,
-                    "seed": seed,
-                    "policy_params": dict(self.policy_params.get(policy, {})),
-                }
+                {**shared, **self.task_settings(task), **self.arm_settings(arm), "seed": seed}
             )
             for task in self.tasks
-            for policy in self.policies
+            for arm in self.arms
             for seed in self.seed_list
         ]
 
@@ -164,6 +230,12 @@ class Experiment:
                 raise ValueError(f"{label} must be a non-empty list of names, got {values!r}.")
             if len(set(values)) != len(list(values)):
                 raise ValueError(f"{label} has duplicates: {list(values)!r}.")
+        if self.target is not None and not (
+            isinstance(self.target, (int, float)) and 0 < self.target <= 1
+        ):
+            raise ValueError(
+                f"target must be a validation accuracy in (0, 1], got {self.target!r}."
+            )
         self.trial_configs()
         for label, value, minimum in (
             ("cpus_per_trial", self.cpus_per_trial, 0.0),
@@ -225,11 +297,20 @@ class Results:
 
 def _trial_name(trial: Any) -> str:
     c = trial.config
-    return f"{c['task']}_{c['policy']}_seed{c['seed']}"
+    return f"{c['task']}_{c.get('label') or c['policy']}_seed{c['seed']}"
 
 
 def _trial_dirname(trial: Any) -> str:
     return f"{_trial_name(trial)}_{trial.trial_id}"
+
+
+def _lookup(table: Mapping[str, Mapping[str, Any]], by: str, key: str) -> Any:
+    """A ``sample_from`` function: ``table[config[by]].get(key)``."""
+
+    def sample(spec: Any) -> Any:
+        return table[spec.config[by]].get(key)
+
+    return sample
 
 
 def build_tuner(exp: Experiment, handle: tracking.Handle | None) -> Any:
@@ -241,16 +322,19 @@ def build_tuner(exp: Experiment, handle: tracking.Handle | None) -> Any:
     exp.trial_configs()  # validates the grid
     # Only the settings the user gave travel; each trial fills its task's defaults.
     given = {k: v for k, v in exp.shared_trial_settings().items() if v is not None}
-    params_by_policy = {p: dict(exp.policy_params.get(p, {})) for p in exp.policies}
-    param_space = {
+    by_arm = {a.label: exp.arm_settings(a) for a in exp.arms}
+    by_task = {t: exp.task_settings(t) for t in exp.tasks}
+    param_space: dict[str, Any] = {
         **given,
         "task": tune.grid_search(list(exp.tasks)),
-        "policy": tune.grid_search(list(exp.policies)),
+        "label": tune.grid_search(list(by_arm)),
         "seed": tune.grid_search(exp.seed_list),
-        "policy_params": tune.sample_from(
-            lambda spec: params_by_policy[spec.config.policy]  # type: ignore[attr-defined]
-        ),
     }
+    # The grid varies task and arm labels; what each implies is filled in per trial.
+    for key in ("policy", "optimizer", "lr", "policy_params"):
+        param_space[key] = tune.sample_from(_lookup(by_arm, "label", key))
+    for key in ("task_params", "epochs", "budget"):
+        param_space[key] = tune.sample_from(_lookup(by_task, "task", key))
     resources = {"cpu": exp.cpus_per_trial, "gpu": exp.gpus_per_trial}
     callbacks: list[tune.Callback] = [tracking.MLflowTracking(handle)] if handle else []
     return tune.Tuner(
@@ -285,7 +369,10 @@ def run(exp: Experiment) -> Results:
         exp.uri,
         experiment=exp.name,
         run_name=exp.name,
-        tags={"tune_alr.tasks": ",".join(exp.tasks), "tune_alr.policies": ",".join(exp.policies)},
+        tags={
+            "tune_alr.tasks": ",".join(exp.tasks),
+            "tune_alr.arms": ",".join(a.label for a in exp.arms),
+        },
     )
     # Ray snapshots the experiment state whenever a trial has written num_to_keep
     # checkpoints; with a report (and checkpoint) every few seconds that is expected
@@ -339,4 +426,4 @@ def replace(exp: Experiment, **changes: Any) -> Experiment:
     return dataclasses.replace(exp, **changes)
 
 
-__all__ = ["Experiment", "Results", "build_tuner", "collect", "replace", "run"]
+__all__ = ["Arm", "Experiment", "Results", "build_tuner", "collect", "replace", "run"]

@@ -71,6 +71,10 @@ class TrialRecord:
         return steps, lrs
 
 
+def _label(record: TrialRecord) -> str:
+    return str(record.config.get("label") or record.config.get("policy"))
+
+
 def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     rows = []
     if path.is_file():
@@ -114,7 +118,7 @@ def trials_frame(records: Iterable[TrialRecord]) -> pd.DataFrame:
         rows.append(
             {
                 "task": record.config.get("task"),
-                "policy": record.config.get("policy"),
+                "policy": record.config.get("label") or record.config.get("policy"),
                 "seed": record.config.get("seed"),
                 "status": record.status,
                 "trial_id": record.trial_id,
@@ -254,13 +258,13 @@ def plot_experiment(records: Sequence[TrialRecord], folder: Path) -> list[Path]:
     paths = []
     for task in sorted({str(r.config.get("task")) for r in records}):
         mine = [r for r in records if str(r.config.get("task")) == task and r.results]
-        policies = sorted({str(r.config.get("policy")) for r in mine})
+        policies = sorted({_label(r) for r in mine})
         colours = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(policies)}
         for kind in ("lr", "val"):
             fig, ax = plt.subplots(figsize=(7, 4))
             labelled: set[str] = set()
             for record in mine:
-                policy = str(record.config.get("policy"))
+                policy = _label(record)
                 label = None if policy in labelled else policy
                 labelled.add(policy)
                 if kind == "lr":

@@ -125,7 +125,8 @@ def finish_parent(handle: Handle, status: str, artifacts: Iterable[Path] = ()) -
 
 
 def trial_run_name(config: Mapping[str, Any]) -> str:
-    return f"{config.get('task')}/{config.get('policy')}/seed{config.get('seed')}"
+    label = config.get("label") or config.get("policy")
+    return f"{config.get('task')}/{label}/seed{config.get('seed')}"
 
 
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
