@@ -250,6 +250,7 @@ def _ui(args: argparse.Namespace) -> int:
         "--backend-store-uri", uri,
         "--host", args.host,
         "--port", str(args.port),
+        "--workers", "1",  # one process is plenty for one user, and saves memory
     ]  # fmt: skip
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it.")
     sys.stdout.flush()

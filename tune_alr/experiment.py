@@ -228,15 +228,10 @@ class Experiment:
         for label, values in (("tasks", self.tasks), ("policies", self.policies)):
             if isinstance(values, str) or not list(values):
                 raise ValueError(f"{label} must be a non-empty list of names, got {values!r}.")
-            if len(set(values)) != len(list(values)):
-                raise ValueError(f"{label} has duplicates: {list(values)!r}.")
-        if self.target is not None and not (
-            isinstance(self.target, (int, float)) and 0 < self.target <= 1
-        ):
-            raise ValueError(
-                f"target must be a validation accuracy in (0, 1], got {self.target!r}."
-            )
-        self.trial_configs()
+            names = [v.label if isinstance(v, Arm) else v for v in values]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{label} has duplicates: {names!r}.")
+        self.trial_configs()  # every trial setting, target and budget included
         for label, value, minimum in (
             ("cpus_per_trial", self.cpus_per_trial, 0.0),
             ("gpus_per_trial", self.gpus_per_trial, 0.0),
@@ -307,8 +302,8 @@ def _trial_dirname(trial: Any) -> str:
 def _lookup(table: Mapping[str, Mapping[str, Any]], by: str, key: str) -> Any:
     """A ``sample_from`` function: ``table[config[by]].get(key)``."""
 
-    def sample(spec: Any) -> Any:
-        return table[spec.config[by]].get(key)
+    def sample(config: Any) -> Any:
+        return table[config[by]].get(key)
 
     return sample
 

@@ -34,7 +34,35 @@ SUMMARY_COLUMNS = [
     "wall_s_mean",
     "samples_per_s_mean",
     "final_lr_mean",
+    "epochs_to_stable_mean",
+    "target_hits",
+    "steps_to_target_median",
+    "wall_s_to_target_median",
 ]
+
+#: Relative improvement of the best validation loss below which it counts as stable.
+STABLE_TOLERANCE = 0.01
+
+
+def epochs_to_stable(epochs: Sequence[float], losses: Sequence[float]) -> float:
+    """Convergence speed as plan 1 defines it: epochs to a stable validation loss.
+
+    The epoch of the earliest report after which the best validation loss never again
+    improves by more than ``STABLE_TOLERANCE`` (1%) relative: later reports may wander
+    or rise (over-fitting), but none beats it by more than 1%. NaN without reports.
+    """
+    finite = [(e, v) for e, v in zip(epochs, losses, strict=True) if math.isfinite(v)]
+    if not finite:
+        return math.nan
+    suffix_min = [math.inf] * (len(finite) + 1)
+    for i in range(len(finite) - 1, -1, -1):
+        suffix_min[i] = min(finite[i][1], suffix_min[i + 1])
+    best = math.inf
+    for i, (epoch, loss) in enumerate(finite):
+        best = min(best, loss)
+        if suffix_min[i + 1] >= best * (1.0 - STABLE_TOLERANCE):
+            return float(epoch)
+    return float(finite[-1][0])
 
 
 @dataclass
@@ -131,12 +159,23 @@ def trials_frame(records: Iterable[TrialRecord]) -> pd.DataFrame:
                 "wall_s": last.get("wall_s", math.nan),
                 "samples_per_s": _mean(r.get("samples_per_s") for r in record.results),
                 "final_lr": last.get("lr", math.nan),
+                "epochs_to_stable": epochs_to_stable(
+                    [r["epoch"] for r in record.results if "val_loss" in r],
+                    [r["val_loss"] for r in record.results if "val_loss" in r],
+                ),
+                # a trial that never reached its target counts as infinitely slow
+                "steps_to_target": last.get("steps_to_target", _miss(record)),
+                "wall_s_to_target": last.get("wall_s_to_target", _miss(record)),
                 "error": (record.error or "").strip().splitlines()[-1:] or "",
             }
         )
     frame = pd.DataFrame(rows)
     frame["error"] = frame["error"].map(lambda e: e[0] if isinstance(e, list) and e else "")
     return frame.sort_values(["task", "policy", "seed"], kind="stable").reset_index(drop=True)
+
+
+def _miss(record: TrialRecord) -> float:
+    return math.inf if record.config.get("target") is not None else math.nan
 
 
 def _mean(values: Iterable[Any]) -> float:
@@ -160,8 +199,20 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
         for metric in ("val_acc", "val_loss", "test_acc"):
             row[f"{metric}_mean"] = ok[metric].mean()
             row[f"{metric}_std"] = ok[metric].std(ddof=1) if len(ok) > 1 else 0.0
-        for metric in ("best_val_acc", "steps", "wall_s", "samples_per_s", "final_lr"):
+        for metric in (
+            "best_val_acc",
+            "steps",
+            "wall_s",
+            "samples_per_s",
+            "final_lr",
+            "epochs_to_stable",
+        ):
             row[f"{metric}_mean"] = ok[metric].mean()
+        row["target_hits"] = int(group["steps_to_target"].map(math.isfinite).sum())
+        for metric in ("steps_to_target", "wall_s_to_target"):
+            row[f"{metric}_median"] = (
+                group[metric].median() if group[metric].notna().any() else math.nan
+            )
         rows.append(row)
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
@@ -181,34 +232,35 @@ def to_markdown(summary: pd.DataFrame, title: str = "Summary") -> str:
         seeds = f"{r['seeds']}" + (f" ({', '.join(notes)})" if notes else "")
         lines.append(
             f"| {r['task']} | {r['policy']} | {seeds} "
-            f"| {100 * r['val_acc_mean']:.2f} +- {100 * r['val_acc_std']:.2f} "
+            f"| {_pct(r['val_acc_mean'], r['val_acc_std'])} "
             f"| {r['val_loss_mean']:.4f} "
-            f"| {100 * r['test_acc_mean']:.2f} +- {100 * r['test_acc_std']:.2f} "
-            f"| {r['steps_mean']:.0f} | {r['wall_s_mean']:.1f} | {r['final_lr_mean']:.3g} |"
+            f"| {_pct(r['test_acc_mean'], r['test_acc_std'])} "
+            f"| {r['steps_mean']:.0f} | {r['wall_s_mean']:.1f} | {r['final_lr_mean']:.3g} "
+            f"| {r['epochs_to_stable_mean']:.2f} "
+            f"| {_target_cell(r['steps_to_target_median'], r['target_hits'], r['seeds'])} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def _pct(mean: float, std: float) -> str:
+    return "-" if math.isnan(mean) else f"{100 * mean:.2f} +- {100 * std:.2f}"
+
+
+def _target_cell(median: float, hits: int, seeds: int) -> str:
+    if not isinstance(median, float) or math.isnan(median):
+        return "-"
+    return f"{median:.0f} ({hits}/{seeds})" if math.isfinite(median) else f"never ({hits}/{seeds})"
+
+
 def format_table(summary: pd.DataFrame) -> str:
     """A compact plain-text table for the terminal."""
-    view = summary[
-        [
-            "task",
-            "policy",
-            "seeds",
-            "val_acc_mean",
-            "val_acc_std",
-            "val_loss_mean",
-            "test_acc_mean",
-            "steps_mean",
-            "wall_s_mean",
-            "final_lr_mean",
-        ]
-    ].copy()
-    return view.to_string(
-        index=False,
-        float_format=lambda v: f"{v:.4g}",
-    )
+    columns = [
+        "task", "policy", "seeds", "val_acc_mean", "val_acc_std", "val_loss_mean",
+        "test_acc_mean", "steps_mean", "wall_s_mean", "final_lr_mean", "epochs_to_stable_mean",
+    ]  # fmt: skip
+    if summary["steps_to_target_median"].notna().any():
+        columns += ["target_hits", "steps_to_target_median"]
+    return summary[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
 def _pyplot() -> Any:
