@@ -59,6 +59,16 @@ def test_summary_means_stds_and_time_to_target() -> None:
     assert b["val_acc_mean"] == pytest.approx(0.45)  # the failed trial has no accuracy
 
 
+def test_markdown_rows_have_as_many_cells_as_the_header() -> None:
+    from tune_alr.report import to_markdown
+
+    records = [_record("a", 0, 0.9, steps_to_target=20), _record("a", 1, 0.8)]
+    lines = to_markdown(summarize(trials_frame(records))).splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1
+    assert table[2].endswith("| never (1/2) |")  # a miss is infinite: median of {20, inf}
+
+
 def test_presets_build_valid_experiments() -> None:
     plan1 = Experiment(name="p1", seeds=2, budget=0.05, **preset("plan1"))
     configs = plan1.trial_configs()

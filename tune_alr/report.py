@@ -220,9 +220,10 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
 def to_markdown(summary: pd.DataFrame, title: str = "Summary") -> str:
     """The summary as a Markdown table (accuracies in %, mean +- std over seeds)."""
     head = (
-        "| task | policy | seeds | val acc % | val loss | test acc % | steps | wall s | final lr |"
+        "| task | policy | seeds | val acc % | val loss | test acc % | steps | wall s "
+        "| final lr | epochs to stable | steps to target (hits) |"
     )
-    lines = [f"# {title}", "", head, "|" + " --- |" * 9]
+    lines = [f"# {title}", "", head, "|" + " --- |" * 11]
     for _, r in summary.iterrows():
         notes = []
         if r["diverged"]:
