@@ -86,6 +86,16 @@ def test_presets_build_valid_experiments() -> None:
         preset("plan3")
 
 
+def test_cli_preset_with_fewer_tasks_keeps_only_their_options() -> None:
+    from tune_alr.cli import _run_fields, parser
+
+    args = parser().parse_args(["run", "--preset", "plan2", "--tasks", "cifar10,mnist"])
+    fields = _run_fields(args)
+    assert fields["tasks"] == ["cifar10", "mnist"]
+    assert fields["task_params"] == {"mnist": {"model": "plan2"}}
+    Experiment(name="x", **fields).trial_configs()  # valid
+
+
 def test_arms_validate_before_ray() -> None:
     with pytest.raises(ValueError, match=r"policies has duplicates: \['x', 'x'\]"):
         Experiment(policies=[Arm("x", "constant"), Arm("x", "feedback")]).validate()

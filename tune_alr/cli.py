@@ -196,6 +196,10 @@ def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
         "target": args.target,
     }
     fields.update({k: v for k, v in flags.items() if v is not None})
+    # a preset's task options apply to the tasks it still runs after --tasks
+    fields["task_params"] = {
+        t: p for t, p in fields.get("task_params", {}).items() if t in fields["tasks"]
+    }
     trial = _assignments(args.set, "--set")
     for key, value in (
         ("data_dir", args.data_dir),
