@@ -64,6 +64,7 @@ def test_mlflow_has_a_parent_and_four_finished_children(finished) -> None:
         history = client.get_metric_history(run.info.run_id, "lr")
         assert sorted(m.step for m in history) == list(range(1, 31))  # one per optimizer step
         assert "val_acc" in run.data.metrics and "policy/factor" in run.data.metrics
+        assert run.data.metrics["epochs_to_stable"] > 0
         assert run.data.params["lr"] == "0.001" and run.data.params["optimizer"] == "adam"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert artifacts == {"lr_curve.png", "val_curve.png"}

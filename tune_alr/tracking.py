@@ -156,6 +156,7 @@ class _TrialLog:
     lr_steps: list[int] = field(default_factory=list)
     lr_values: list[float] = field(default_factory=list)
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # step, val_loss, val_acc
+    epochs: list[float] = field(default_factory=list)  # the epoch of each curve point
     last_step: int = 0
 
 
@@ -229,6 +230,7 @@ class TrialLogger:
             self._client.log_batch(state.run_id, metrics=metrics[i : i + _BATCH])
         if "val_loss" in result:
             state.curve.append((step, float(result["val_loss"]), float(result["val_acc"])))
+            state.epochs.append(float(result.get("epoch", math.nan)))
         if "status" in result:
             self._client.set_tag(state.run_id, STATUS_TAG, str(result["status"]))
         if "data_notes" in result:
@@ -242,7 +244,12 @@ class TrialLogger:
             return
         if error:
             self._client.set_tag(state.run_id, "tune_alr.error", error[:5000])
-        from .report import plot_trial_curves
+        from .report import epochs_to_stable, plot_trial_curves
+
+        if state.curve:
+            stable = epochs_to_stable(state.epochs, [loss for _, loss, _ in state.curve])
+            if math.isfinite(stable):
+                self._client.log_metric(state.run_id, "epochs_to_stable", stable)
 
         with tempfile.TemporaryDirectory() as tmp:
             for path in plot_trial_curves(state.lr_steps, state.lr_values, state.curve, Path(tmp)):
