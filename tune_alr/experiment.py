@@ -14,7 +14,6 @@ output folder.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -416,9 +415,4 @@ def collect(exp: Experiment, experiment_dir: Path, handle: tracking.Handle | Non
     )
 
 
-def replace(exp: Experiment, **changes: Any) -> Experiment:
-    """A copy of ``exp`` with ``changes`` (``dataclasses.replace``)."""
-    return dataclasses.replace(exp, **changes)
-
-
-__all__ = ["Arm", "Experiment", "Results", "build_tuner", "collect", "replace", "run"]
+__all__ = ["Arm", "Experiment", "Results", "build_tuner", "collect", "run"]

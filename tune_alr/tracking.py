@@ -10,9 +10,10 @@ A child run is named ``<task>/<policy>/seed<k>`` and tagged with the Tune trial 
 restarted trial or a resumed experiment continues its run instead of opening a second
 one. Each report's ``lr_trace`` becomes the metric ``lr`` at every optimizer step.
 
-If the tracking server goes away mid-run, training goes on: the callback warns once and
-stops logging; the results stay in Ray's experiment folder, from which
-:func:`relog` writes them again later (``tune-alr report DIR --tracking-uri ...``).
+If the tracking store fails mid-run, training goes on: the callback warns once and
+stops logging; every result stays in Ray's experiment folder, from which
+``tune-alr report DIR`` rebuilds the tables. (Re-logging such a folder into MLflow is
+not written yet.)
 """
 
 from __future__ import annotations
@@ -281,8 +282,8 @@ class MLflowTracking(tune.Callback):
             self.failed = f"{what}: {type(err).__name__}: {err}"
             warnings.warn(
                 f"MLflow tracking at {self.handle.tracking_uri} failed ({self.failed}); "
-                "training goes on and Ray keeps every result. Re-log later with "
-                "`tune-alr report <experiment dir> --tracking-uri <uri>`.",
+                "training goes on and Ray keeps every result in its experiment folder "
+                "(`tune-alr report <folder>` summarises it).",
                 RuntimeWarning,
                 stacklevel=2,
             )
