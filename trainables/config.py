@@ -9,7 +9,6 @@ the same function on every grid point before Ray starts.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,25 +17,12 @@ from typing import Any
 import torch
 
 from tune_alr.policies import build
+from tune_alr.policies.base import check_int, check_positive
 
 from . import tasks
 from .data import SplitPlan
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-
-
-def _require_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
-def _require_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -91,26 +77,26 @@ class TrialConfig:
         # Build the policy once on a throw-away optimizer: checks names and values.
         dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         build(self.policy, dummy, total_steps=self.max_steps or 1000, **dict(self.policy_params))
-        _require_int("seed", self.seed, 0)
+        check_int("seed", self.seed, minimum=0)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}."
             )
-        _require_positive("lr", self.lr)
-        _require_int("batch_size", self.batch_size, 1)
-        _require_int("epochs", self.epochs, 1)
+        check_positive("lr", self.lr)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("epochs", self.epochs, minimum=1)
         if self.max_steps is not None:
-            _require_int("max_steps", self.max_steps, 1)
-        _require_int("report_every", self.report_every, 1)
+            check_int("max_steps", self.max_steps, minimum=1)
+        check_int("report_every", self.report_every, minimum=1)
         if self.clip_grad is not None:
-            _require_positive("clip_grad", self.clip_grad)
-        _require_int("probe_size", self.probe_size, 1)
-        _require_int("data_seed", self.data_seed, 0)
+            check_positive("clip_grad", self.clip_grad)
+        check_int("probe_size", self.probe_size, minimum=1)
+        check_int("data_seed", self.data_seed, minimum=0)
         if self.limit_train is not None:
-            _require_int("limit_train", self.limit_train, 1)
+            check_int("limit_train", self.limit_train, minimum=1)
         if self.threads is not None:
-            _require_int("threads", self.threads, 1)
-        _require_int("max_bad_steps", self.max_bad_steps, 1)
+            check_int("threads", self.threads, minimum=1)
+        check_int("max_bad_steps", self.max_bad_steps, minimum=1)
         tasks.get(self.task).resolve_params(dict(self.task_params))
         if self.budget is not None and not (
             isinstance(self.budget, (int, float)) and 0 < self.budget <= 1
@@ -124,9 +110,9 @@ class TrialConfig:
             )
         if self.label is not None and (not isinstance(self.label, str) or "/" in self.label):
             raise ValueError(f"label must be a name without '/', got {self.label!r}.")
-        _require_int("val_size", self.val_size, 1)
+        check_int("val_size", self.val_size, minimum=1)
         if self.test_size is not None:
-            _require_int("test_size", self.test_size, 1)
+            check_int("test_size", self.test_size, minimum=1)
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise ValueError(
                 f"data dir {self.data_dir!r} does not exist; give a folder laid out as "

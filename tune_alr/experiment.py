@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from trainables import tasks as task_registry
 from trainables.config import TrialConfig
 
 from . import report, tracking
@@ -181,8 +182,6 @@ class Experiment:
         """The TrialConfig fields that depend on the task: its options and the budget."""
         out: dict[str, Any] = {"task": task, "task_params": dict(self.task_params.get(task, {}))}
         if self.budget is not None:
-            from trainables import tasks as task_registry
-
             epochs = self.epochs or task_registry.get(task).defaults.get("epochs", 1)
             out["epochs"] = max(1, round(epochs * self.budget))
             out["budget"] = self.budget

@@ -35,16 +35,16 @@ Evaluate = Callable[[], float]
 _TRANSIENT = frozenset({"optimizer", "_evaluate"})
 
 
-def check_positive(name: str, value: float | int, *, allow_zero: bool = False) -> None:
+def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite number > 0 (or >= 0)."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
         accepted = "a finite number >= 0" if allow_zero else "a finite number > 0"
         raise ValueError(f"{name} must be {accepted}, got {value!r}.")
 
 
-def check_int(name: str, value: int | None, *, minimum: int = 1) -> None:
+def check_int(name: str, value: Any, *, minimum: int = 1) -> None:
     """Raise ``ValueError`` unless ``value`` is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
