@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import tune_alr
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def finished(ray_session: None, tmp_path_factory: pytest.TempPathFactory):
-    """4 tiny trials: 2 policies x 2 seeds, 30 steps each, reports every 10 steps."""
+    """4 tiny trials: 2 policies x 2 seeds, 30 steps each, reports every 10 steps, edge caps."""
     root = tmp_path_factory.mktemp("exp")
     exp = Experiment(
         name="tiny",
@@ -26,6 +27,7 @@ def finished(ray_session: None, tmp_path_factory: pytest.TempPathFactory):
         max_steps=30,
         report_every=10,
         policy_params={"feedback": {"interval": 5, "early_interval": None}},
+        profile="edge",
         output=root / "out",
         tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
         verbose=0,
@@ -42,6 +44,25 @@ def test_summary_has_one_row_per_task_and_policy(finished) -> None:
     assert summary["val_acc_mean"].between(0.0, 1.0).all()
     for name in ("summary.csv", "summary.md", "trials.csv", "lr_digits.png", "val_digits.png"):
         assert (results.output_dir / name).is_file(), name
+    # What the trials used: a Ray worker with torch holds hundreds of MiB, under edge's cap.
+    assert summary["cpu_s_mean"].between(0.01, 60).all()
+    assert summary["peak_rss_mb_mean"].between(100, 1024).all()
+    assert summary["policy_ms_per_step_mean"].between(0, 50).all()
+    on_disk = pd.read_csv(results.output_dir / "summary.csv")
+    assert {"cpu_s_mean", "peak_rss_mb_mean", "policy_ms_per_step_mean"} <= set(on_disk.columns)
+
+
+def test_trials_ran_under_the_edge_caps(finished) -> None:
+    _, results = finished
+    for record in results.records:
+        first = record.results[0]
+        assert first["profile"] == "edge"
+        assert first["caps/threads"] == 1 and first["caps/memory_mb"] == 1024
+        assert first["caps/cores"] in (0, 1)  # 0 only when another job holds the cores
+        assert first["node_id"] and first["node_ip"]
+        for result in record.results:
+            assert result["proc/rss_mb"] <= result["proc/peak_rss_mb"] < 1024
+            assert result["proc/cpu_s"] > 0
 
 
 def test_mlflow_has_a_parent_and_four_finished_children(finished) -> None:
@@ -64,6 +85,9 @@ def test_mlflow_has_a_parent_and_four_finished_children(finished) -> None:
         history = client.get_metric_history(run.info.run_id, "lr")
         assert sorted(m.step for m in history) == list(range(1, 31))  # one per optimizer step
         assert "val_acc" in run.data.metrics and "policy/factor" in run.data.metrics
+        assert "proc/peak_rss_mb" in run.data.metrics and "caps/threads" in run.data.metrics
+        assert run.data.tags["tune_alr.profile"] == "edge"
+        assert run.data.params["profile.memory_mb"] == "1024"
         assert run.data.metrics["epochs_to_stable"] > 0
         assert run.data.params["lr"] == "0.001" and run.data.params["optimizer"] == "adam"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -98,6 +122,11 @@ def test_report_rebuilds_the_summary_from_the_folder(finished, tmp_path: Path, c
         (["run", "--set", "colour=red"], "unknown trial setting(s) 'colour'"),
         (["run", "--output", "a_file/out"], "is inside a file"),
         (["report", "/nonexistent/folder"], "does not exist"),
+        (["run", "--profile", "phone"], "unknown profile 'phone'; available: edge"),
+        (["run", "--profile", "edge,ram=2"], "bad profile setting 'ram=2'"),
+        (["run", "--profile", "edge", "--cpus-per-trial", "2"], "either profile= or"),
+        (["run", "--cpus-per-trial", "-1"], "cpus_per_trial must be a number >= 0"),
+        (["run", "--node-type", "GPU"], "must name a custom Ray resource"),
         (["ui", "--tracking-uri", "nonsense"], "malformed tracking URI"),
     ],
 )

@@ -66,7 +66,8 @@ def test_markdown_rows_have_as_many_cells_as_the_header() -> None:
     lines = to_markdown(summarize(trials_frame(records))).splitlines()
     table = [line for line in lines if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1
-    assert table[2].endswith("| never (1/2) |")  # a miss is infinite: median of {20, inf}
+    # A miss is infinite (median of {20, inf}); records without resource figures show "-".
+    assert table[2].endswith("| never (1/2) | - | - | - |")
 
 
 def test_presets_build_valid_experiments() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from tune_alr import hardware
 from tune_alr.policies import build
 from tune_alr.policies.base import check_int, check_positive
 
@@ -23,6 +24,7 @@ from . import tasks
 from .data import SplitPlan
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class TrialConfig:
     test_size: int | None = 5000
     target: float | None = None
     label: str | None = None
+    profile: Mapping[str, Any] | None = None
+    device: str = "auto"
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> TrialConfig:
@@ -118,7 +122,27 @@ class TrialConfig:
                 f"data dir {self.data_dir!r} does not exist; give a folder laid out as "
                 "<dir>/<task>/{train,test}.parquet (see ../shared/data/README.md)."
             )
+        if self.profile is not None:
+            if not isinstance(self.profile, Mapping):
+                raise ValueError(
+                    f"profile must be a dict of profile settings, got {self.profile!r}."
+                )
+            hardware.Profile.from_dict(self.profile)
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; accepted: {', '.join(DEVICES)}.")
         return self
+
+    def hardware_profile(self) -> hardware.Profile | None:
+        """The trial's hardware profile, if it has one."""
+        return None if self.profile is None else hardware.Profile.from_dict(self.profile)
+
+    def torch_device(self) -> torch.device:
+        """``cuda`` when ``device`` is ``auto`` and Ray gave this trial a GPU, else the CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but this process sees no CUDA device.")
+        return torch.device(self.device)
 
     def split_plan(self) -> SplitPlan:
         """How the task's data is cut into train / validation / test."""
@@ -136,4 +160,6 @@ class TrialConfig:
         out["policy_params"] = dict(self.policy_params)
         out["optimizer_params"] = dict(self.optimizer_params)
         out["task_params"] = dict(self.task_params)
+        if self.profile is not None:
+            out["profile"] = dict(self.profile)
         return out

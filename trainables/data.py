@@ -35,6 +35,12 @@ class Split:
         """The rows at ``index``."""
         return Split(tuple(t[index] for t in self.inputs), self.labels[index])
 
+    def to(self, device: torch.device | str) -> Split:
+        """This split on ``device`` (itself when already there)."""
+        if self.labels.device == torch.device(device):
+            return self
+        return Split(tuple(t.to(device) for t in self.inputs), self.labels.to(device))
+
     def batches(self, batch_size: int) -> list[Split]:
         """Consecutive batches in order (for evaluation)."""
         return [

@@ -19,6 +19,11 @@ The metrics of each report:
 * ``lr_trace``: the LR applied at each optimizer step since the last report, and
   ``lr_trace_start``, the step number of its first entry (steps count from 1);
 * ``policy/<name>``: the policy's own numeric diagnostics (its factor, checks, ...);
+* ``policy_ms_per_step``: time inside ``policy.step`` (its probes included) per step;
+* ``proc/*``: what the process used (``tune_alr.monitor``: CPU percent, CPU seconds
+  summed over restarts, resident memory and its peak, GPU memory where CUDA is used);
+* ``profile``, ``caps/*`` and ``caps_notes`` (first report of each process): the
+  hardware caps the trial ran under (``tune_alr.hardware``);
 * ``status``: ``"running"``, then ``"finished"`` or ``"diverged"`` in the last report,
   which also carries ``best_val_acc`` and, where the task has a test split,
   ``test_loss`` and ``test_acc``;
@@ -45,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tune_alr import hardware
+from tune_alr.monitor import ResourceSampler
 from tune_alr.policies import build
 
 from . import tasks
@@ -80,8 +87,10 @@ def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode, restored after)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total_loss, correct = 0.0, 0
     for batch in split.batches(EVAL_BATCH):
+        batch = batch.to(device)
         logits = model(*batch.inputs)
         total_loss += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
         correct += int((logits.argmax(dim=1) == batch.labels).sum())
@@ -117,23 +126,40 @@ def train(
 ) -> dict[str, Any]:
     """Train one model under one policy; returns the last metrics reported.
 
+    The trial runs under its hardware profile's caps (threads, cores, GPU memory) and
+    the memory guard, which ends it with ``MemoryCapExceeded`` past its cap.
+
     Args:
         config: a :class:`TrialConfig` or a dict for :meth:`TrialConfig.from_dict`.
         report: called as ``report(metrics, checkpoint_dir)`` at each report.
         resume: a checkpoint from :func:`load_checkpoint` to continue from.
     """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    profile = cfg.hardware_profile()
+    with hardware.applied(profile, threads=cfg.threads) as caps:
+        sampler = ResourceSampler(memory_limit_mb=caps.memory_mb, profile=caps.profile)
+        with sampler:
+            return _train(cfg, report, resume, caps, sampler)
+
+
+def _train(
+    cfg: TrialConfig,
+    report: Report,
+    resume: Mapping[str, Any] | None,
+    caps: hardware.Applied,
+    sampler: ResourceSampler,
+) -> dict[str, Any]:
     assert cfg.lr is not None and cfg.batch_size is not None and cfg.epochs is not None
     assert cfg.optimizer is not None
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    device = cfg.torch_device()
     task = tasks.get(cfg.task)
 
     # Seeds are paired across policies: the same seed gives the same initial weights
     # and the same data order whatever the policy.
     seed_everything(cfg.seed)
     data = task.load(cfg)
-    model = task.build_model(data, cfg)
+    model = task.build_model(data, cfg).to(device)
+    sampler.check()  # data and model are in memory: the first place a cap can bite
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.optimizer_params)
     n_train = len(data.train)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
@@ -152,6 +178,8 @@ def train(
     step, position, wall_s, skipped, bad_run = 0, 0, 0.0, 0, 0
     permutation: torch.Tensor | None = None
     best_val_acc = -math.inf
+    policy_s = 0.0  # time inside policy.step, probes included: the policy's own cost
+    cpu_s_before = 0.0  # CPU seconds of earlier runs of this trial (restarts)
     reached: tuple[int, float] | None = None  # (step, wall_s) when val_acc first >= target
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -160,16 +188,20 @@ def train(
         policy.load_state_dict(resume["policy"])
         order.set_state(resume["order_rng"])
         torch.set_rng_state(resume["torch_rng"])
+        if device.type == "cuda" and resume.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"])
         random.setstate(resume["python_rng"])
         np.random.set_state(resume["numpy_rng"])
         step, position, wall_s = resume["step"], resume["position"], resume["wall_s"]
         skipped, permutation = resume["skipped"], resume["permutation"]
         best_val_acc = resume["best_val_acc"]
         reached = resume["reached"]
+        policy_s = resume.get("policy_s", 0.0)
+        cpu_s_before = resume.get("cpu_s", 0.0)
 
     model.train()
     lr_trace: list[float] = []
-    trace_start = step + 1
+    trace_start = first_trace = step + 1
     window_loss, window_n, window_samples = 0.0, 0, 0
     window_t0 = time.perf_counter()
     status = "running"
@@ -179,7 +211,7 @@ def train(
         if step < total_steps:
             if permutation is None:
                 permutation = torch.randperm(n_train, generator=order)
-            batch = data.train.take(permutation[position : position + cfg.batch_size])
+            batch = data.train.take(permutation[position : position + cfg.batch_size]).to(device)
             position += cfg.batch_size
             if position >= n_train:
                 permutation, position = None, 0
@@ -204,9 +236,12 @@ def train(
             else:
                 skipped += 1
                 bad_run += 1
+            t0 = time.perf_counter()
             policy.step(loss_value)
+            policy_s += time.perf_counter() - t0
             step += 1
             window_samples += len(batch)
+            sampler.check()
 
         at_end = step >= total_steps
         diverged = bad_run >= cfg.max_bad_steps
@@ -234,8 +269,11 @@ def train(
             "total_steps": total_steps,
             "lr_trace": lr_trace,
             "lr_trace_start": trace_start,
+            "policy_ms_per_step": 1000.0 * policy_s / step if step else math.nan,
             **{f"policy/{k}": v for k, v in policy.diagnostics().items()},
+            **sampler.snapshot(),
         }
+        metrics["proc/cpu_s"] += cpu_s_before
         if reached is not None:
             metrics["steps_to_target"], metrics["wall_s_to_target"] = reached
         if diverged or at_end:
@@ -243,8 +281,11 @@ def train(
             metrics["best_val_acc"] = best_val_acc
             if data.test is not None:
                 metrics["test_loss"], metrics["test_acc"] = evaluate(model, data.test)
-        if data.notes and trace_start == 1:
-            metrics["data_notes"] = "; ".join(data.notes)
+        if trace_start == first_trace:
+            # Once per process: where the data came from, and the caps it ran under.
+            if data.notes:
+                metrics["data_notes"] = "; ".join(data.notes)
+            metrics.update(caps.metrics())
         metrics["status"] = status
 
         # No checkpoint ever holds non-finite weights: a diverged run reports without one.
@@ -258,6 +299,7 @@ def train(
                         "policy": policy.state_dict(),
                         "order_rng": order.get_state(),
                         "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                         "python_rng": random.getstate(),
                         "numpy_rng": np.random.get_state(),
                         "step": step,
@@ -267,6 +309,8 @@ def train(
                         "skipped": skipped,
                         "best_val_acc": best_val_acc,
                         "reached": reached,
+                        "policy_s": policy_s,
+                        "cpu_s": metrics["proc/cpu_s"],
                         "config": cfg.to_dict(),
                     },
                     Path(checkpoint_dir) / CHECKPOINT_FILE,

@@ -72,8 +72,17 @@ def _add_common(p: argparse.ArgumentParser, *, name: str) -> None:
     p.add_argument("--seeds", type=_seeds, default=3, help="a count or a list (default: 3)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the task's)")
     p.add_argument("--max-steps", type=int, help="cap on optimizer steps per trial")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="Ray CPUs per trial")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="Ray GPUs per trial")
+    p.add_argument(
+        "--profile",
+        help="hardware profile: edge, laptop, gpu-slice, or a spec such as "
+        "'cpus=1,threads=1,memory_mb=512' or 'edge,memory_mb=2048' (sets resources and caps)",
+    )
+    p.add_argument(
+        "--node-type",
+        help="run trials only on cluster nodes offering this custom resource (e.g. constrained)",
+    )
+    p.add_argument("--cpus-per-trial", type=float, help="Ray CPUs per trial (default: 1)")
+    p.add_argument("--gpus-per-trial", type=float, help="Ray GPUs per trial (default: 0)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as fit)")
     p.add_argument("--address", help="Ray cluster address (default: start Ray here)")
     p.add_argument("--quiet", action="store_true", help="no Ray Tune progress output")
@@ -134,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
 
-    sub.add_parser("list", help="list the tasks and policies")
+    sub.add_parser("list", help="list the tasks, policies and hardware profiles")
     return root
 
 
@@ -148,6 +157,8 @@ def _experiment(args: argparse.Namespace, **overrides: Any) -> Any:
         "max_steps": args.max_steps,
         "output": args.output,
         "tracking_uri": args.tracking_uri,
+        "profile": args.profile,
+        "node_type": args.node_type,
         "cpus_per_trial": args.cpus_per_trial,
         "gpus_per_trial": args.gpus_per_trial,
         "max_concurrent": args.max_concurrent,
@@ -265,10 +276,16 @@ def _ui(args: argparse.Namespace) -> int:
 def _list() -> int:
     from trainables import tasks
 
+    from . import hardware
     from .policies import available
 
     print("tasks:   ", ", ".join(tasks.available()))
     print("policies:", ", ".join(available()))
+    print("profiles:")
+    for name in hardware.available():
+        p = hardware.PROFILES[name]
+        memory = f"{p.memory_mb:g} MiB" if p.memory_mb is not None else "no cap"
+        print(f"  {name}: {p.cpus:g} CPU, {p.gpus:g} GPU, {p.torch_threads} thread(s), {memory}")
     return 0
 
 

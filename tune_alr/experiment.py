@@ -25,10 +25,19 @@ import pandas as pd
 from trainables import tasks as task_registry
 from trainables.config import TrialConfig
 
-from . import report, tracking
+from . import hardware, report, tracking
 
 #: Trial settings the Experiment sets itself (the grid and its shared options).
-_GRID_KEYS = ("task", "policy", "seed", "policy_params", "label", "task_params", "budget")
+_GRID_KEYS = (
+    "task",
+    "policy",
+    "seed",
+    "policy_params",
+    "label",
+    "task_params",
+    "budget",
+    "profile",
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,15 @@ class Experiment:
         target: a validation accuracy; trials report steps and seconds to reach it.
         trial: any other ``TrialConfig`` field, the same for every trial (e.g.
             ``{"clip_grad": 1.0, "limit_train": 5000}``).
-        cpus_per_trial, gpus_per_trial: Ray resources of each trial.
+        profile: a hardware profile (``tune_alr.hardware``): a name such as ``"edge"``,
+            a spec such as ``"cpus=1,threads=1,memory_mb=512"`` or a ``Profile``. It sets
+            each trial's Ray resources and the caps enforced inside it (threads, cores,
+            memory guard, GPU memory fraction). ``None``: plain resources, no caps.
+        node_type: a custom Ray resource a cluster node type declares (e.g.
+            ``"constrained"``): trials run only on nodes that have it. Overrides the
+            profile's. On a Ray started here, this machine is given that resource.
+        cpus_per_trial, gpus_per_trial: Ray resources of each trial without a profile
+            (``None``: 1 CPU, no GPU); give these or ``profile``, not both.
         max_concurrent: cap on trials running at once (``None``: as resources allow).
         max_failures: restarts of a failed trial (from its last checkpoint) before it
             counts as failed.
@@ -102,8 +119,10 @@ class Experiment:
     budget: float | None = None
     target: float | None = None
     trial: Mapping[str, Any] = field(default_factory=dict)
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    profile: str | hardware.Profile | Mapping[str, Any] | None = None
+    node_type: str | None = None
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float | None = None
     max_concurrent: int | None = None
     max_failures: int = 2
     output: str | os.PathLike[str] | None = None
@@ -151,13 +170,60 @@ class Experiment:
             for p in self.policies
         ]
 
+    @property
+    def hardware_profile(self) -> hardware.Profile | None:
+        """The resolved profile (``node_type`` applied), or ``None``; raises ``ValueError``."""
+        if self.profile is None:
+            return None
+        if self.cpus_per_trial is not None or self.gpus_per_trial is not None:
+            raise ValueError(
+                "give either profile= or cpus_per_trial=/gpus_per_trial=, not both "
+                f"(profile {self.profile!r} sets the trial's resources)."
+            )
+        profile = hardware.resolve(self.profile)
+        if self.node_type is not None:
+            profile = profile.replace(node_type=self.node_type)
+        return profile
+
+    @property
+    def node_type_resource(self) -> str | None:
+        """The custom node resource trials need, if any."""
+        profile = self.hardware_profile
+        return profile.node_type if profile is not None else self.node_type
+
+    def ray_resources(self) -> dict[str, float]:
+        """What each trial asks Ray for."""
+        profile = self.hardware_profile
+        if profile is not None:
+            return profile.ray_resources()
+        for label, value in (
+            ("cpus_per_trial", self.cpus_per_trial),
+            ("gpus_per_trial", self.gpus_per_trial),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+            ):
+                raise ValueError(f"{label} must be a number >= 0, got {value!r}.")
+        cpus = 1.0 if self.cpus_per_trial is None else float(self.cpus_per_trial)
+        gpus = 0.0 if self.gpus_per_trial is None else float(self.gpus_per_trial)
+        if cpus == 0 and gpus == 0:
+            raise ValueError("a trial needs some resources: cpus_per_trial or gpus_per_trial > 0.")
+        resources = {"cpu": cpus, "gpu": gpus}
+        if self.node_type is not None:
+            # Checked the same way as a profile's node type.
+            hardware.Profile("check", cpus=cpus, gpus=gpus, node_type=self.node_type)
+            resources[self.node_type] = hardware.NODE_TYPE_SHARE
+        return resources
+
     def shared_trial_settings(self) -> dict[str, Any]:
         """The TrialConfig fields every trial shares (``None`` = the task's default)."""
+        profile = self.hardware_profile
         settings = {
             "batch_size": self.batch_size,
             "max_steps": self.max_steps,
             "report_every": self.report_every,
             "target": self.target,
+            "profile": profile.to_dict() if profile is not None else None,
             **dict(self.trial),
         }
         clash = sorted(set(self.trial) & set(_GRID_KEYS))
@@ -229,15 +295,8 @@ class Experiment:
             names = [v.label if isinstance(v, Arm) else v for v in values]
             if len(set(names)) != len(names):
                 raise ValueError(f"{label} has duplicates: {names!r}.")
+        self.ray_resources()  # the profile or the plain resources
         self.trial_configs()  # every trial setting, target and budget included
-        for label, value, minimum in (
-            ("cpus_per_trial", self.cpus_per_trial, 0.0),
-            ("gpus_per_trial", self.gpus_per_trial, 0.0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-                raise ValueError(f"{label} must be a number >= {minimum}, got {value!r}.")
-        if self.cpus_per_trial == 0 and self.gpus_per_trial == 0:
-            raise ValueError("a trial needs some resources: cpus_per_trial or gpus_per_trial > 0.")
         if self.max_concurrent is not None and (
             not isinstance(self.max_concurrent, int) or self.max_concurrent < 1
         ):
@@ -328,7 +387,7 @@ def build_tuner(exp: Experiment, handle: tracking.Handle | None) -> Any:
         param_space[key] = tune.sample_from(_lookup(by_arm, "label", key))
     for key in ("task_params", "epochs", "budget"):
         param_space[key] = tune.sample_from(_lookup(by_task, "task", key))
-    resources = {"cpu": exp.cpus_per_trial, "gpu": exp.gpus_per_trial}
+    resources = exp.ray_resources()
     callbacks: list[tune.Callback] = [tracking.MLflowTracking(handle)] if handle else []
     return tune.Tuner(
         tune.with_resources(trainables.train, resources),
@@ -372,11 +431,21 @@ def run(exp: Experiment) -> Results:
     # here, cheap for these small states, and its warning would flood the progress.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started_ray = not ray.is_initialized()
+    resources = exp.ray_resources()
     if started_ray:
-        ray.init(address=exp.address, include_dashboard=False, configure_logging=False)
+        local = exp.address is None
+        ray.init(
+            address=exp.address,
+            include_dashboard=False,
+            configure_logging=False,
+            # On one machine, that machine plays the asked-for node type.
+            resources={exp.node_type_resource: 1.0} if local and exp.node_type_resource else None,
+        )
     status = "FAILED"
     try:
-        grid = build_tuner(exp, handle).fit()
+        check_fits(resources, ray.cluster_resources(), strict=started_ray and not exp.address)
+        with tracking.system_metrics(handle):
+            grid = build_tuner(exp, handle).fit()
         experiment_dir = Path(grid.experiment_path)
         results = collect(exp, experiment_dir, handle)
         status = "FINISHED"
@@ -393,6 +462,37 @@ def run(exp: Experiment) -> Results:
             )
         if started_ray:
             ray.shutdown()
+
+
+def check_fits(
+    resources: Mapping[str, float], cluster: Mapping[str, float], *, strict: bool
+) -> None:
+    """Raise ``ValueError`` (``strict``) or warn when no trial could ever be placed.
+
+    Ray would otherwise keep such trials pending forever. On a cluster that may scale
+    up (``strict=False``) the resources may still come, so it only warns.
+    """
+    names = {"cpu": "CPU", "gpu": "GPU"}
+    short = []
+    for key, amount in resources.items():
+        have = float(cluster.get(names.get(key, key), 0.0))
+        if amount > have + 1e-9:
+            if key == "memory":
+                short.append(f"memory {amount / 2**20:.0f} MiB (Ray has {have / 2**20:.0f} MiB)")
+            else:
+                short.append(f"{names.get(key, key)} {amount:g} (Ray has {have:g})")
+    if not short:
+        return
+    message = (
+        f"a trial asks for {', '.join(short)}: no trial could start. Use a smaller profile, "
+        "fewer cpus/gpus per trial, or a cluster whose node types offer these resources "
+        "(see cluster/README.md)."
+    )
+    if strict:
+        raise ValueError(message)
+    import warnings
+
+    warnings.warn(message + " Waiting for the cluster to scale up.", RuntimeWarning, stacklevel=2)
 
 
 def _summary_files(output: Path) -> list[Path]:
@@ -414,4 +514,4 @@ def collect(exp: Experiment, experiment_dir: Path, handle: tracking.Handle | Non
     )
 
 
-__all__ = ["Arm", "Experiment", "Results", "build_tuner", "collect", "run"]
+__all__ = ["Arm", "Experiment", "Results", "build_tuner", "check_fits", "collect", "run"]

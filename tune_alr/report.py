@@ -38,6 +38,9 @@ SUMMARY_COLUMNS = [
     "target_hits",
     "steps_to_target_median",
     "wall_s_to_target_median",
+    "cpu_s_mean",
+    "peak_rss_mb_mean",
+    "policy_ms_per_step_mean",
 ]
 
 #: Relative improvement of the best validation loss below which it counts as stable.
@@ -166,6 +169,14 @@ def trials_frame(records: Iterable[TrialRecord]) -> pd.DataFrame:
                 # a trial that never reached its target counts as infinitely slow
                 "steps_to_target": last.get("steps_to_target", _miss(record)),
                 "wall_s_to_target": last.get("wall_s_to_target", _miss(record)),
+                "profile": next((r["profile"] for r in record.results if "profile" in r), ""),
+                "cpu_s": last.get("proc/cpu_s", math.nan),
+                "cpu_percent": _mean(r.get("proc/cpu_percent") for r in record.results),
+                "peak_rss_mb": max(
+                    (r["proc/peak_rss_mb"] for r in record.results if "proc/peak_rss_mb" in r),
+                    default=math.nan,
+                ),
+                "policy_ms_per_step": last.get("policy_ms_per_step", math.nan),
                 "error": (record.error or "").strip().splitlines()[-1:] or "",
             }
         )
@@ -206,6 +217,9 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
             "samples_per_s",
             "final_lr",
             "epochs_to_stable",
+            "cpu_s",
+            "peak_rss_mb",
+            "policy_ms_per_step",
         ):
             row[f"{metric}_mean"] = ok[metric].mean()
         row["target_hits"] = int(group["steps_to_target"].map(math.isfinite).sum())
@@ -221,9 +235,10 @@ def to_markdown(summary: pd.DataFrame, title: str = "Summary") -> str:
     """The summary as a Markdown table (accuracies in %, mean +- std over seeds)."""
     head = (
         "| task | policy | seeds | val acc % | val loss | test acc % | steps | wall s "
-        "| final lr | epochs to stable | steps to target (hits) |"
+        "| final lr | epochs to stable | steps to target (hits) | CPU s | peak RSS MiB "
+        "| policy ms/step |"
     )
-    lines = [f"# {title}", "", head, "|" + " --- |" * 11]
+    lines = [f"# {title}", "", head, "|" + " --- |" * 14]
     for _, r in summary.iterrows():
         notes = []
         if r["diverged"]:
@@ -238,9 +253,15 @@ def to_markdown(summary: pd.DataFrame, title: str = "Summary") -> str:
             f"| {_pct(r['test_acc_mean'], r['test_acc_std'])} "
             f"| {r['steps_mean']:.0f} | {r['wall_s_mean']:.1f} | {r['final_lr_mean']:.3g} "
             f"| {r['epochs_to_stable_mean']:.2f} "
-            f"| {_target_cell(r['steps_to_target_median'], r['target_hits'], r['seeds'])} |"
+            f"| {_target_cell(r['steps_to_target_median'], r['target_hits'], r['seeds'])} "
+            f"| {_num(r['cpu_s_mean'], '.1f')} | {_num(r['peak_rss_mb_mean'], '.0f')} "
+            f"| {_num(r['policy_ms_per_step_mean'], '.3f')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _num(value: float, spec: str) -> str:
+    return "-" if math.isnan(value) else format(value, spec)
 
 
 def _pct(mean: float, std: float) -> str:
@@ -258,6 +279,7 @@ def format_table(summary: pd.DataFrame) -> str:
     columns = [
         "task", "policy", "seeds", "val_acc_mean", "val_acc_std", "val_loss_mean",
         "test_acc_mean", "steps_mean", "wall_s_mean", "final_lr_mean", "epochs_to_stable_mean",
+        "cpu_s_mean", "peak_rss_mb_mean", "policy_ms_per_step_mean",
     ]  # fmt: skip
     if summary["steps_to_target_median"].notna().any():
         columns += ["target_hits", "steps_to_target_median"]

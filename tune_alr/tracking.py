@@ -18,12 +18,13 @@ not written yet.)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,14 @@ STATUS_TAG = "tune_alr.status"
 _BATCH = 500  # MLflow accepts at most 1000 metrics per log_batch
 # "lr" in a report is the LR after its last step; the trace already holds one per step.
 _SKIP_METRICS = {"lr", "lr_trace", "lr_trace_start", "status", "config", "data_notes"}
+#: Report keys that become tags of the trial's run (strings, said once).
+_TAGS = {
+    "data_notes": "tune_alr.data",
+    "profile": "tune_alr.profile",
+    "caps_notes": "tune_alr.caps",
+    "node_id": "tune_alr.node_id",
+    "node_ip": "tune_alr.node_ip",
+}
 _SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
 
 
@@ -123,6 +132,37 @@ def finish_parent(handle: Handle, status: str, artifacts: Iterable[Path] = ()) -
         if path.is_file():
             client.log_artifact(handle.parent_run_id, str(path))
     client.set_terminated(handle.parent_run_id, status)
+
+
+@contextlib.contextmanager
+def system_metrics(handle: Handle | None, interval_s: float = 5.0) -> Iterator[None]:
+    """MLflow's own system metrics (``system/*``) of this machine on the parent run.
+
+    They describe the machine the driver runs on (all trials, when Ray runs here);
+    each trial's own figures are its ``proc/*`` metrics. A failure to start them is
+    a warning, never an error.
+    """
+    monitor = None
+    if handle is not None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            # Its start/stop lines at INFO would interleave with Ray Tune's progress.
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+            monitor = SystemMetricsMonitor(
+                handle.parent_run_id,
+                sampling_interval=interval_s,
+                tracking_uri=handle.tracking_uri,
+            )
+            monitor.start()
+        except Exception as err:
+            log.warning("MLflow system metrics not started: %s", err)
+            monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 def trial_run_name(config: Mapping[str, Any]) -> str:
@@ -234,8 +274,9 @@ class TrialLogger:
             state.epochs.append(float(result.get("epoch", math.nan)))
         if "status" in result:
             self._client.set_tag(state.run_id, STATUS_TAG, str(result["status"]))
-        if "data_notes" in result:
-            self._client.set_tag(state.run_id, "tune_alr.data", str(result["data_notes"])[:5000])
+        for key, tag in _TAGS.items():
+            if key in result:
+                self._client.set_tag(state.run_id, tag, str(result[key])[:5000])
         state.last_step = step
 
     def finish(self, trial_id: str, status: str, error: str | None = None) -> None:
