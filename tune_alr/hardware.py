@@ -9,8 +9,9 @@ real:
 
 * ``threads``: ``torch.set_num_threads``;
 * ``pin_cpus``: CPU affinity to ``ceil(cpus)`` cores of their own. Cores are claimed
-  with ``fcntl`` locks under the temp folder, so concurrent trials on one machine
-  never share a core, and a killed trial's cores free themselves;
+  with ``fcntl`` locks in a per-user folder under the temp folder, so one user's
+  concurrent trials on a machine never share a core, and a killed trial's cores free
+  themselves; without free cores (or locks) the trial runs unpinned and says so;
 * ``memory_mb``: the memory guard (``tune_alr.monitor``): a trial whose resident
   memory passes the cap ends with :class:`~tune_alr.monitor.MemoryCapExceeded`;
 * ``gpu_memory_fraction``: ``torch.cuda.set_per_process_memory_fraction`` when CUDA
@@ -243,8 +244,9 @@ class Applied:
 
 
 def _core_lock_dir() -> Path:
-    path = Path(tempfile.gettempdir()) / "tune-alr-cores"
-    path.mkdir(parents=True, exist_ok=True)
+    # One folder per user: another user's trials cannot hold (or block) these locks.
+    path = Path(tempfile.gettempdir()) / f"tune-alr-cores-{os.getuid()}"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
 
@@ -304,7 +306,11 @@ def applied(profile: Profile | None, threads: int | None = None) -> Iterator[App
             if old_affinity is None:
                 result.notes.append("CPU affinity is not supported on this OS; cores not pinned")
             else:
-                cores, handles = claim_cores(wanted)
+                try:
+                    cores, handles = claim_cores(wanted)
+                except OSError as err:  # no lock folder: run unpinned rather than fail
+                    cores, handles = [], []
+                    result.notes.append(f"core locks unavailable ({err}); not pinned")
                 if cores:
                     _set_process_affinity(set(cores))
                     result.cores = cores
