@@ -145,3 +145,28 @@ def test_cli_list(capsys) -> None:
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
     assert "digits" in out and "feedback" in out
+
+
+def test_a_storage_uri_is_handed_to_ray_and_copied_back(ray_session: None, tmp_path: Path) -> None:
+    """``file://`` takes the same path as ``s3://`` or ``gs://``: through pyarrow."""
+    store = tmp_path / "bucket"
+    exp = Experiment(
+        name="uri",
+        policies=["constant"],
+        seeds=1,
+        max_steps=10,
+        report_every=5,
+        storage=f"file://{store}",
+        output=tmp_path / "out",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        verbose=0,
+    )
+    results = tune_alr.run(exp)
+    assert list(store.glob("uri/*/result.json"))  # Ray wrote to the URI's folder
+    assert results.experiment_dir == tmp_path / "out" / "ray" / "uri"  # the local copy
+    assert results.summary()["finished"].tolist() == [1]
+
+
+def test_an_unknown_storage_scheme_is_refused_before_ray() -> None:
+    with pytest.raises(ValueError, match="storage URI 'ftp://x/y' has scheme 'ftp'; accepted: s3"):
+        Experiment(storage="ftp://x/y").validate()

@@ -66,6 +66,11 @@ def _add_common(p: argparse.ArgumentParser, *, name: str) -> None:
     p.add_argument("--name", default=name, help=f"experiment name (default: {name})")
     p.add_argument("--output", help="folder for summary files (default: results/<name>)")
     p.add_argument(
+        "--storage",
+        help="Ray Tune storage: a folder or s3://, gs:// URI; shared by all nodes on a "
+        "cluster (default: <output>/ray)",
+    )
+    p.add_argument(
         "--tracking-uri",
         help="MLflow store (default: sqlite:///./mlflow.db in the current folder)",
     )
@@ -157,6 +162,7 @@ def _experiment(args: argparse.Namespace, **overrides: Any) -> Any:
         "max_steps": args.max_steps,
         "output": args.output,
         "tracking_uri": args.tracking_uri,
+        "storage": args.storage,
         "profile": args.profile,
         "node_type": args.node_type,
         "cpus_per_trial": args.cpus_per_trial,

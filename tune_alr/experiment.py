@@ -27,6 +27,9 @@ from trainables.config import TrialConfig
 
 from . import hardware, report, tracking
 
+#: Storage URI schemes Ray Tune reaches through pyarrow.
+_STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")
+
 #: Trial settings the Experiment sets itself (the grid and its shared options).
 _GRID_KEYS = (
     "task",
@@ -97,7 +100,11 @@ class Experiment:
         max_failures: restarts of a failed trial (from its last checkpoint) before it
             counts as failed.
         output: folder for the summary files; default ``results/<name>``.
-        storage: Ray Tune storage folder; default ``<output>/ray``.
+        storage: Ray Tune storage: a folder (default ``<output>/ray``) or a URI such as
+            ``s3://bucket/tune-alr`` or ``gs://...``. On a cluster of several machines it
+            must be shared by all (cloud storage, or NFS at the same path everywhere):
+            trials on workers write their checkpoints there. A URI's experiment folder
+            is copied to ``<output>/ray`` to build the tables.
         tracking_uri: MLflow store; default ``sqlite:///<cwd>/mlflow.db``.
         address: a Ray cluster address (``"auto"``, ``ray://host:10001``) or ``None`` to
             start Ray on this machine.
@@ -153,8 +160,22 @@ class Experiment:
         return Path(self.output) if self.output is not None else Path("results") / self.name
 
     @property
+    def storage_is_uri(self) -> bool:
+        return isinstance(self.storage, str) and "://" in self.storage
+
+    @property
     def storage_dir(self) -> Path:
-        return Path(self.storage) if self.storage is not None else self.output_dir / "ray"
+        """The local storage folder (for a URI storage: where its copy goes)."""
+        if self.storage is not None and not self.storage_is_uri:
+            return Path(self.storage)
+        return self.output_dir / "ray"
+
+    @property
+    def storage_path(self) -> str:
+        """What Ray Tune gets: the URI as given, or the folder's absolute path."""
+        if self.storage_is_uri:
+            return str(self.storage).rstrip("/")
+        return str(self.storage_dir.resolve())
 
     @property
     def uri(self) -> str:
@@ -306,6 +327,13 @@ class Experiment:
         if not isinstance(self.max_failures, int) or self.max_failures < 0:
             raise ValueError(f"max_failures must be an integer >= 0, got {self.max_failures!r}.")
         tracking.check_tracking_uri(self.uri)
+        if self.storage_is_uri:
+            scheme = str(self.storage).split("://", 1)[0]
+            if scheme not in _STORAGE_SCHEMES:
+                raise ValueError(
+                    f"storage URI {self.storage!r} has scheme {scheme!r}; accepted: "
+                    f"{', '.join(_STORAGE_SCHEMES)}, or a folder path."
+                )
         for label, folder in (("output", self.output_dir), ("storage", self.storage_dir)):
             _check_writable(label, folder)
         db = tracking.sqlite_path(self.uri)
@@ -403,7 +431,7 @@ def build_tuner(exp: Experiment, handle: tracking.Handle | None) -> Any:
         ),
         run_config=tune.RunConfig(
             name=exp.name,
-            storage_path=str(exp.storage_dir.resolve()),
+            storage_path=exp.storage_path,
             failure_config=tune.FailureConfig(max_failures=exp.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
             callbacks=callbacks,
@@ -446,8 +474,7 @@ def run(exp: Experiment) -> Results:
         check_fits(resources, ray.cluster_resources(), strict=started_ray and not exp.address)
         with tracking.system_metrics(handle):
             grid = build_tuner(exp, handle).fit()
-        experiment_dir = Path(grid.experiment_path)
-        results = collect(exp, experiment_dir, handle)
+        results = collect(exp, _local_copy(exp, grid.experiment_path), handle)
         status = "FINISHED"
         return results
     finally:
@@ -497,6 +524,18 @@ def check_fits(
 
 def _summary_files(output: Path) -> list[Path]:
     return sorted(p for p in output.glob("*") if p.suffix in (".csv", ".md", ".png"))
+
+
+def _local_copy(exp: Experiment, experiment_path: str) -> Path:
+    """The experiment folder on this machine (copied from a storage URI)."""
+    if not exp.storage_is_uri:
+        return Path(experiment_path)
+    import pyarrow.fs
+
+    local = exp.storage_dir / exp.name
+    local.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(experiment_path, str(local.resolve()))
+    return local
 
 
 def collect(exp: Experiment, experiment_dir: Path, handle: tracking.Handle | None) -> Results:

@@ -10,7 +10,9 @@ node it ran on and the caps it reported.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from ray.cluster_utils import Cluster
@@ -19,9 +21,11 @@ import tune_alr
 
 
 def main(workdir: Path) -> None:
+    # A short folder of its own: Ray's socket paths must stay under 108 bytes.
+    ray_tmp = tempfile.mkdtemp(prefix="tar-mn-", dir="/tmp")
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "temp_dir": str(workdir / "ray")},
+        head_node_args={"num_cpus": 0, "temp_dir": ray_tmp},
     )
     try:
         constrained = cluster.add_node(num_cpus=1, resources={"constrained": 1})
@@ -64,6 +68,7 @@ def main(workdir: Path) -> None:
         )
     finally:
         cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
