@@ -143,6 +143,10 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("directory", help="the experiment folder (e.g. results/demo/ray/demo)")
     rep.add_argument("--output", help="where to write the summary (default: DIRECTORY)")
 
+    res = sub.add_parser("resume", help="finish an interrupted experiment (unfinished trials only)")
+    res.add_argument("directory", help="its Ray Tune folder (e.g. results/demo/ray/demo)")
+    res.add_argument("--quiet", action="store_true", help="no Ray Tune progress output")
+
     ui = sub.add_parser("ui", help="open the MLflow UI on the project's store")
     ui.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///./mlflow.db)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
@@ -177,9 +181,20 @@ def _experiment(args: argparse.Namespace, **overrides: Any) -> Any:
 
 def _run(exp: Any) -> int:
     from .experiment import run
+
+    return _print_results(exp, run(exp))
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from .experiment import resume
+
+    results = resume(args.directory, verbose=0 if args.quiet else None)
+    return _print_results(results.experiment, results)
+
+
+def _print_results(exp: Any, results: Any) -> int:
     from .report import format_table
 
-    results = run(exp)
     summary = results.summary()
     print()
     print(format_table(summary))
@@ -241,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_experiment(args, **_run_fields(args)))
         if args.command == "report":
             return _report(args)
+        if args.command == "resume":
+            return _resume(args)
         if args.command == "ui":
             return _ui(args)
         if args.command == "list":

@@ -14,6 +14,8 @@ output folder.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -393,18 +395,16 @@ def _lookup(table: Mapping[str, Mapping[str, Any]], by: str, key: str) -> Any:
     return sample
 
 
-def build_tuner(exp: Experiment, handle: tracking.Handle | None) -> Any:
-    """The Ray Tune ``Tuner`` for ``exp`` (Ray must be initialised)."""
+def param_space(exp: Experiment) -> dict[str, Any]:
+    """The Tuner's param space: a grid over task, arm and seed; the rest looked up."""
     from ray import tune
-
-    import trainables
 
     exp.trial_configs()  # validates the grid
     # Only the settings the user gave travel; each trial fills its task's defaults.
     given = {k: v for k, v in exp.shared_trial_settings().items() if v is not None}
     by_arm = {a.label: exp.arm_settings(a) for a in exp.arms}
     by_task = {t: exp.task_settings(t) for t in exp.tasks}
-    param_space: dict[str, Any] = {
+    space: dict[str, Any] = {
         **given,
         "task": tune.grid_search(list(exp.tasks)),
         "label": tune.grid_search(list(by_arm)),
@@ -412,14 +412,24 @@ def build_tuner(exp: Experiment, handle: tracking.Handle | None) -> Any:
     }
     # The grid varies task and arm labels; what each implies is filled in per trial.
     for key in ("policy", "optimizer", "lr", "policy_params"):
-        param_space[key] = tune.sample_from(_lookup(by_arm, "label", key))
+        space[key] = tune.sample_from(_lookup(by_arm, "label", key))
     for key in ("task_params", "epochs", "budget"):
-        param_space[key] = tune.sample_from(_lookup(by_task, "task", key))
+        space[key] = tune.sample_from(_lookup(by_task, "task", key))
+    return space
+
+
+def build_tuner(exp: Experiment, handle: tracking.Handle | None) -> Any:
+    """The Ray Tune ``Tuner`` for ``exp`` (Ray must be initialised)."""
+    from ray import tune
+
+    import trainables
+
+    space = param_space(exp)
     resources = exp.ray_resources()
     callbacks: list[tune.Callback] = [tracking.MLflowTracking(handle)] if handle else []
     return tune.Tuner(
         tune.with_resources(trainables.train, resources),
-        param_space=param_space,
+        param_space=space,
         tune_config=tune.TuneConfig(
             num_samples=1,
             max_concurrent_trials=exp.max_concurrent,
@@ -472,6 +482,7 @@ def run(exp: Experiment) -> Results:
     status = "FAILED"
     try:
         check_fits(resources, ray.cluster_resources(), strict=started_ray and not exp.address)
+        _write_spec(exp, handle)
         with tracking.system_metrics(handle):
             grid = build_tuner(exp, handle).fit()
         results = collect(exp, _local_copy(exp, grid.experiment_path), handle)
@@ -487,6 +498,121 @@ def run(exp: Experiment) -> Results:
             warnings.warn(
                 f"could not close the MLflow parent run: {err}", RuntimeWarning, stacklevel=2
             )
+        if started_ray:
+            ray.shutdown()
+
+
+#: The file in a Ray Tune experiment folder that lets ``resume`` rebuild the Experiment.
+SPEC_FILE = "tune_alr_experiment.json"
+
+
+def _spec(exp: Experiment, handle: tracking.Handle | None) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    fields = {f.name: getattr(exp, f.name) for f in dataclasses.fields(exp)}
+    fields["policies"] = [dataclasses.asdict(p) if isinstance(p, Arm) else p for p in exp.policies]
+    if isinstance(exp.profile, hardware.Profile):
+        fields["profile"] = exp.profile.to_dict()
+    # Relative folders are kept as the absolute ones they meant at the first run.
+    fields["output"] = str(exp.output_dir.resolve())
+    if not exp.storage_is_uri:
+        fields["storage"] = str(exp.storage_dir.resolve())
+    return {
+        "experiment": plain(fields),
+        "tracking": None if handle is None else dataclasses.asdict(handle),
+    }
+
+
+def _write_spec(exp: Experiment, handle: tracking.Handle | None) -> None:
+    import pyarrow.fs
+
+    text = json.dumps(_spec(exp, handle), indent=2)
+    fs, root = pyarrow.fs.FileSystem.from_uri(
+        exp.storage_path if exp.storage_is_uri else Path(exp.storage_path).as_uri()
+    )
+    folder = f"{root.rstrip('/')}/{exp.name}"
+    fs.create_dir(folder, recursive=True)
+    with fs.open_output_stream(f"{folder}/{SPEC_FILE}") as out:
+        out.write(text.encode())
+
+
+def _read_spec(path: str) -> tuple[Experiment, tracking.Handle | None]:
+    import pyarrow.fs
+
+    uri = path if "://" in path else Path(path).resolve().as_uri()
+    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
+    try:
+        with fs.open_input_stream(f"{root.rstrip('/')}/{SPEC_FILE}") as f:
+            spec = json.loads(f.read().decode())
+    except (FileNotFoundError, OSError) as err:
+        raise ValueError(
+            f"{path!r} is not a tune-alr experiment folder (no {SPEC_FILE}); give the "
+            "folder Ray Tune wrote, e.g. results/<name>/ray/<name>."
+        ) from err
+    fields = dict(spec["experiment"])
+    fields["policies"] = [
+        Arm(**p) if isinstance(p, Mapping) else p for p in fields.get("policies", [])
+    ]
+    tracked = spec.get("tracking")
+    return Experiment(**fields), (tracking.Handle(**tracked) if tracked else None)
+
+
+def resume(path: str | os.PathLike[str], *, verbose: int | None = None) -> Results:
+    """Finish an interrupted experiment from its Ray Tune folder (``Tuner.restore``).
+
+    Trials that finished are kept as they are; unfinished and errored ones continue from
+    their last checkpoints; MLflow logging continues in the same parent and child runs.
+    Raises ``ValueError`` if ``path`` is not an experiment folder ``run`` wrote.
+    """
+    from ray import tune
+
+    import trainables
+
+    exp, handle = _read_spec(os.fspath(path))
+    if verbose is not None:
+        exp = dataclasses.replace(exp, verbose=verbose)
+    if not tune.Tuner.can_restore(os.fspath(path)):
+        raise ValueError(f"Ray Tune cannot restore {os.fspath(path)!r} (no experiment state).")
+    import ray
+
+    if handle is not None:
+        tracking.reopen_parent(handle)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=exp.address, include_dashboard=False, configure_logging=False)
+    status = "FAILED"
+    try:
+        tuner = tune.Tuner.restore(
+            os.fspath(path),
+            trainable=tune.with_resources(trainables.train, exp.ray_resources()),
+            # Trials not started yet hold placeholders for the looked-up settings,
+            # which only a re-given param space fills.
+            param_space=param_space(exp),
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+        with tracking.system_metrics(handle):
+            grid = tuner.fit()
+        results = collect(exp, _local_copy(exp, grid.experiment_path), handle)
+        status = "FINISHED"
+        return results
+    finally:
+        if handle is not None:
+            try:
+                tracking.finish_parent(handle, status, _summary_files(exp.output_dir))
+            except Exception as err:  # tracking must not hide the run's own outcome
+                import warnings
+
+                warnings.warn(
+                    f"could not close the MLflow parent run: {err}", RuntimeWarning, stacklevel=2
+                )
         if started_ray:
             ray.shutdown()
 
@@ -553,4 +679,14 @@ def collect(exp: Experiment, experiment_dir: Path, handle: tracking.Handle | Non
     )
 
 
-__all__ = ["Arm", "Experiment", "Results", "build_tuner", "check_fits", "collect", "run"]
+__all__ = [
+    "SPEC_FILE",
+    "Arm",
+    "Experiment",
+    "Results",
+    "build_tuner",
+    "check_fits",
+    "collect",
+    "resume",
+    "run",
+]

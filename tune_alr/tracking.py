@@ -125,6 +125,11 @@ def prepare(uri: str, experiment: str, run_name: str, tags: Mapping[str, str]) -
     return Handle(uri, experiment_id, parent.info.run_id)
 
 
+def reopen_parent(handle: Handle) -> None:
+    """Mark the parent run RUNNING again (an experiment resumed after its driver died)."""
+    _client(handle.tracking_uri).update_run(handle.parent_run_id, status="RUNNING")
+
+
 def finish_parent(handle: Handle, status: str, artifacts: Iterable[Path] = ()) -> None:
     """Attach the experiment's summary files to the parent run and end it."""
     client = _client(handle.tracking_uri)

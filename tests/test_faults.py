@@ -1,0 +1,187 @@
+"""Faults injected into real runs: a trial worker killed, the driver killed and resumed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import tune_alr
+from trainables import loop
+from tune_alr.experiment import Experiment
+from tune_alr.report import load_trials
+
+pytestmark = pytest.mark.slow
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # being written
+    return out
+
+
+def _mlflow_children(uri: str, name: str) -> tuple[Any, list[Any]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents + children
+
+
+def _assert_lr_history_is_whole(client: Any, run_id: str, steps: int) -> None:
+    history = client.get_metric_history(run_id, "lr")
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))  # no gap, no repeat
+
+
+def test_a_killed_trial_worker_resumes_exactly(ray_session: None, tmp_path: Path) -> None:
+    exp = Experiment(
+        name="trialkill",
+        policies=["feedback"],
+        seeds=1,
+        report_every=25,  # digits' 340 steps: 14 reports, each with a checkpoint
+        trial={"threads": 1},  # the same arithmetic in the Ray worker and in this process
+        output=tmp_path / "out",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        verbose=0,
+    )
+    killed: list[int] = []
+
+    def kill_worker_mid_run() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            for result in (tmp_path / "out/ray/trialkill").glob("*/result.json"):
+                rows = _lines(result)
+                if rows and rows[-1]["step"] >= 200:
+                    os.kill(rows[-1]["pid"], signal.SIGKILL)
+                    killed.append(rows[-1]["pid"])
+                    return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_worker_mid_run, daemon=True)
+    watcher.start()
+    results = tune_alr.run(exp)
+    watcher.join(timeout=5)
+    assert killed, "the trial finished before the watcher could kill it"
+
+    (record,) = results.records
+    assert record.status == "finished"
+    pids = {r["pid"] for r in record.results}
+    assert killed[0] in pids and len(pids) == 2  # it ran in a second worker after the kill
+
+    # The same trial, uninterrupted, in this process.
+    reports: list[dict[str, Any]] = []
+    loop.train(exp.trial_configs()[0], lambda m, _: reports.append(m))
+    expected_lr = [lr for r in reports for lr in r["lr_trace"]]
+    steps = reports[-1]["step"]
+    assert len(expected_lr) == steps > 250  # the kill came after step 200: mid-run
+    steps_seen, lrs = record.lr_path()
+    assert steps_seen == list(range(1, steps + 1))
+    assert lrs == expected_lr  # bit for bit, across the restart
+    after_restart = {r["step"]: r["val_loss"] for r in record.results}
+    assert after_restart == {r["step"]: r["val_loss"] for r in reports}
+
+    client, runs = _mlflow_children(exp.uri, "trialkill")
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    _assert_lr_history_is_whole(client, children[0].info.run_id, steps)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tune_alr.cli", *args]
+
+
+def _end_leftovers(marker: str) -> None:
+    """Kill, by PID, any process of the killed run's own Ray (its temp folder in argv)."""
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if marker in " ".join(proc.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):  # gone meanwhile
+                proc.kill()
+
+
+def test_a_killed_driver_resumes_the_unfinished_trials_only(tmp_path: Path) -> None:
+    ray_tmp = tempfile.mkdtemp(prefix="tar-dk-", dir="/tmp")  # short: socket path limit
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = tmp_path / "out/ray/driverkill"
+    argv = _cli(
+        "run", "--name", "driverkill", "--policies", "constant,feedback,cosine",
+        "--seeds", "1", "--report-every", "25",
+        "--max-concurrent", "1", "--output", str(tmp_path / "out"),
+        "--tracking-uri", uri, "--quiet",
+    )  # fmt: skip
+    driver = subprocess.Popen(
+        argv, env=env, cwd=tmp_path, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    finished_before: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None:
+            done, running = {}, False
+            for result in folder.glob("*/result.json"):
+                rows = _lines(result)
+                if rows and rows[-1].get("status") == "finished":
+                    done[result.parent.name] = result.read_text()
+                elif rows:
+                    running = True
+            if done and running:
+                os.kill(driver.pid, signal.SIGKILL)
+                finished_before = done
+                break
+            time.sleep(0.05)
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        time.sleep(2)
+        _end_leftovers(ray_tmp)
+    assert finished_before, "the driver finished before it could be killed mid-experiment"
+
+    resumed = subprocess.run(
+        _cli("resume", str(folder), "--quiet"), env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    _end_leftovers(ray_tmp)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    records = load_trials(folder)
+    assert len(records) == 3 and all(r.status == "finished" for r in records)
+    for name, text in finished_before.items():  # finished trials were not run again
+        assert (folder / name / "result.json").read_text() == text
+    assert (tmp_path / "out/summary.csv").is_file()
+
+    client, runs = _mlflow_children(uri, "driverkill")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == [
+        "digits/constant/seed0", "digits/cosine/seed0", "digits/feedback/seed0",
+    ]  # fmt: skip
+    steps = {f"digits/{r.config['policy']}/seed0": r.results[-1]["step"] for r in records}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        _assert_lr_history_is_whole(client, child.info.run_id, steps[child.info.run_name])
+
+
+def test_resume_refuses_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    from tune_alr import cli
+
+    assert cli.main(["resume", str(tmp_path)]) == 2
