@@ -142,6 +142,10 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="summarise a Ray Tune experiment folder again")
     rep.add_argument("directory", help="the experiment folder (e.g. results/demo/ray/demo)")
     rep.add_argument("--output", help="where to write the summary (default: DIRECTORY)")
+    rep.add_argument(
+        "--tracking-uri",
+        help="also (re-)log the trials into this MLflow store, e.g. after an outage",
+    )
 
     res = sub.add_parser("resume", help="finish an interrupted experiment (unfinished trials only)")
     res.add_argument("directory", help="its Ray Tune folder (e.g. results/demo/ray/demo)")
@@ -276,6 +280,22 @@ def _report(args: argparse.Namespace) -> int:
     report.write_outputs(records, output, title=Path(args.directory).name)
     print(report.format_table(report.summarize(report.trials_frame(records))))
     print(f"\nSummary files: {output.resolve()}/")
+    if args.tracking_uri:
+        from . import tracking
+        from .experiment import SPEC_FILE, read_spec
+
+        tracking.check_tracking_uri(args.tracking_uri)
+        name, parent = Path(args.directory).resolve().name, None
+        if (Path(args.directory) / SPEC_FILE).is_file():
+            exp, parent = read_spec(args.directory)
+            name = exp.name
+        handle = tracking.relog(records, args.tracking_uri, name, parent)
+        files = sorted(p for p in output.glob("*") if p.suffix in (".csv", ".md", ".png"))
+        tracking.finish_parent(handle, "FINISHED", files)
+        print(
+            f"MLflow: {len(records)} trial(s) logged into {args.tracking_uri} "
+            f"(parent run {handle.parent_run_id})"
+        )
     return 0
 
 

@@ -543,7 +543,7 @@ def _write_spec(exp: Experiment, handle: tracking.Handle | None) -> None:
         out.write(text.encode())
 
 
-def _read_spec(path: str) -> tuple[Experiment, tracking.Handle | None]:
+def read_spec(path: str) -> tuple[Experiment, tracking.Handle | None]:
     import pyarrow.fs
 
     uri = path if "://" in path else Path(path).resolve().as_uri()
@@ -575,7 +575,7 @@ def resume(path: str | os.PathLike[str], *, verbose: int | None = None) -> Resul
 
     import trainables
 
-    exp, handle = _read_spec(os.fspath(path))
+    exp, handle = read_spec(os.fspath(path))
     if verbose is not None:
         exp = dataclasses.replace(exp, verbose=verbose)
     if not tune.Tuner.can_restore(os.fspath(path)):

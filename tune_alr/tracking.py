@@ -12,8 +12,10 @@ one. Each report's ``lr_trace`` becomes the metric ``lr`` at every optimizer ste
 
 If the tracking store fails mid-run, training goes on: the callback warns once and
 stops logging; every result stays in Ray's experiment folder, from which
-``tune-alr report DIR`` rebuilds the tables. (Re-logging such a folder into MLflow is
-not written yet.)
+``tune-alr report DIR`` rebuilds the tables and ``tune-alr report DIR --tracking-uri
+URI`` re-logs it (:func:`relog`), continuing the runs logged in part. HTTP stores are
+asked with few retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=3``, a 15 s timeout, unless
+set), so that an outage stalls the driver seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -110,6 +113,10 @@ def _client(uri: str) -> Any:
 def prepare(uri: str, experiment: str, run_name: str, tags: Mapping[str, str]) -> Handle:
     """Create (or reuse) the store, the MLflow experiment and the parent run."""
     check_tracking_uri(uri)
+    # MLflow's defaults (7 retries, 120 s timeout) would stall the driver for minutes
+    # on an outage; the user's own settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +262,12 @@ class TrialLogger:
         state = self._trials[trial_id]
         step = int(result.get("step", 0))
         if step <= state.last_step and state.last_step > 0:
-            return  # already logged (a report repeated after a restart)
+            # Already logged (a report repeated after a restart, or re-logged after an
+            # outage): only the curve for the PNGs and epochs_to_stable is rebuilt.
+            if "val_loss" in result and step not in {s for s, _, _ in state.curve}:
+                state.curve.append((step, float(result["val_loss"]), float(result["val_acc"])))
+                state.epochs.append(float(result.get("epoch", math.nan)))
+            return
         now = int(time.time() * 1000)
         metrics = [
             Metric(key, float(value), now, step)
@@ -303,6 +315,32 @@ class TrialLogger:
                 self._client.log_artifact(state.run_id, str(path))
         self._client.set_terminated(state.run_id, status)
         del self._trials[trial_id]
+
+
+def relog(
+    records: Iterable[Any], uri: str, experiment: str, parent: Handle | None = None
+) -> Handle:
+    """Log an experiment's trials from Ray Tune's folder into MLflow.
+
+    For after a tracking outage (runs logged in part are continued, not duplicated:
+    the same parent run when ``parent`` is in the store ``uri``), or to copy an
+    experiment into another store (a new parent run). ``records`` are
+    ``report.TrialRecord`` s. The caller ends the parent with :func:`finish_parent`.
+    """
+    check_tracking_uri(uri)
+    if parent is not None and parent.tracking_uri == uri:
+        reopen_parent(parent)
+        handle = parent
+    else:
+        handle = prepare(uri, experiment, run_name=experiment, tags={"tune_alr.relogged": "1"})
+    logger = TrialLogger(handle)
+    for record in records:
+        logger.start(record.trial_id, record.config)
+        for result in record.results:
+            logger.result(record.trial_id, result)
+        status = "FINISHED" if record.status in ("finished", "diverged") else "FAILED"
+        logger.finish(record.trial_id, status, record.error)
+    return handle
 
 
 class MLflowTracking(tune.Callback):
