@@ -185,3 +185,84 @@ def test_resume_refuses_a_folder_it_did_not_write(tmp_path: Path) -> None:
     from tune_alr import cli
 
     assert cli.main(["resume", str(tmp_path)]) == 2
+
+
+def test_a_nan_batch_is_skipped_and_the_run_finishes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One training image is all NaN: its batch's update is skipped once per epoch."""
+    import dataclasses
+
+    import torch
+
+    from trainables import tasks
+    from trainables.data import Split
+
+    digits = tasks.get("digits")
+
+    def load_with_a_nan_row(config: Any) -> Any:
+        data = digits.load(config)
+        images = data.train.inputs[0].clone()
+        images[7] = float("nan")
+        return dataclasses.replace(data, train=Split((images,), data.train.labels))
+
+    monkeypatch.setitem(
+        tasks._TASKS, "digits-nan", dataclasses.replace(digits, name="digits-nan",
+                                                        load=load_with_a_nan_row)
+    )  # fmt: skip
+    checkpoints: list[dict[str, Any]] = []
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        assert checkpoint_dir is not None
+        checkpoints.append(loop.load_checkpoint(checkpoint_dir))
+
+    last = loop.train(
+        {"task": "digits-nan", "policy": "feedback", "epochs": 3, "report_every": 50}, report
+    )
+    assert last["status"] == "finished" and last["skipped_steps"] == 3  # one per epoch
+    assert last["val_acc"] > 0.8
+    for state in checkpoints:  # no checkpoint holds a non-finite weight
+        assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_absurd_lrs_diverge_or_recover_without_crashing(ray_session: None, tmp_path: Path) -> None:
+    import torch
+
+    from tune_alr import Arm
+
+    exp = Experiment(
+        name="absurd",
+        policies=[
+            Arm("sgd-lr10", "constant", optimizer="sgd", lr=10.0),
+            Arm("sgd-lr100", "constant", optimizer="sgd", lr=100.0),
+            Arm("feedback-lr100", "feedback", optimizer="sgd", lr=100.0),
+            Arm("sgd-lr1e6", "constant", optimizer="sgd", lr=1e6),  # overflows to NaN
+        ],
+        seeds=1,
+        max_steps=150,
+        report_every=25,
+        trial={"max_bad_steps": 5},
+        output=tmp_path / "out",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        verbose=0,
+    )
+    results = tune_alr.run(exp)
+    trials = results.trials().set_index("policy")
+    # Nothing crashed. SGD at 10 and 100 kills this network (10% accuracy) without a
+    # non-finite value, so those runs finish; 1e6 overflows and must diverge.
+    assert set(trials["status"]) <= {"finished", "diverged"}
+    assert trials.loc["sgd-lr1e6", "status"] == "diverged"
+    for label, t in trials.iterrows():
+        if t["status"] == "diverged":
+            assert "at step" in t["diverged_reason"], label
+    summary_md = (results.output_dir / "summary.md").read_text()
+    assert "sgd-lr1e6/seed0: diverged: " in summary_md
+    for ckpt in (tmp_path / "out/ray/absurd").glob("*/checkpoint_*/checkpoint.pt"):
+        state = loop.load_checkpoint(ckpt.parent)
+        assert all(torch.isfinite(t).all() for t in state["model"].values()), ckpt
+    _, runs = _mlflow_children(exp.uri, "absurd")
+    tagged = {
+        r.info.run_name: r.data.tags.get("tune_alr.diverged_reason")
+        for r in runs
+        if "mlflow.parentRunId" in r.data.tags
+    }
+    assert "non-finite" in tagged["digits/sgd-lr1e6/seed0"]
+    assert all(r.info.status == "FINISHED" for r in runs)

@@ -24,7 +24,8 @@ The metrics of each report:
   summed over restarts, resident memory and its peak, GPU memory where CUDA is used);
 * ``profile``, ``caps/*`` and ``caps_notes`` (first report of each process): the
   hardware caps the trial ran under (``tune_alr.hardware``);
-* ``status``: ``"running"``, then ``"finished"`` or ``"diverged"`` in the last report,
+* ``status``: ``"running"``, then ``"finished"`` or ``"diverged"`` (with
+  ``diverged_reason``) in the last report,
   which also carries ``best_val_acc`` and, where the task has a test split,
   ``test_loss`` and ``test_acc``;
 * ``steps_to_target``, ``wall_s_to_target``: from the first report whose ``val_acc``
@@ -249,8 +250,16 @@ def _train(
             continue
 
         val_loss, val_acc = evaluate(model, data.val)
-        if not math.isfinite(val_loss) or not _finite_params(model):
-            diverged = True
+        reason = ""
+        if diverged:
+            reason = (
+                f"{bad_run} optimizer steps in a row had a non-finite loss or gradient "
+                f"(max_bad_steps={cfg.max_bad_steps}); their updates were skipped"
+            )
+        elif not _finite_params(model):
+            diverged, reason = True, "the weights became non-finite"
+        elif not math.isfinite(val_loss):
+            diverged, reason = True, "the validation loss is not finite"
         elapsed = time.perf_counter() - window_t0
         wall_s += elapsed
         best_val_acc = max(best_val_acc, val_acc)
@@ -278,6 +287,8 @@ def _train(
             metrics["steps_to_target"], metrics["wall_s_to_target"] = reached
         if diverged or at_end:
             status = "diverged" if diverged else "finished"
+            if diverged:
+                metrics["diverged_reason"] = f"{reason} at step {step} (lr {metrics['lr']:.3g})"
             metrics["best_val_acc"] = best_val_acc
             if data.test is not None:
                 metrics["test_loss"], metrics["test_acc"] = evaluate(model, data.test)

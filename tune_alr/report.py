@@ -177,6 +177,7 @@ def trials_frame(records: Iterable[TrialRecord]) -> pd.DataFrame:
                     default=math.nan,
                 ),
                 "policy_ms_per_step": last.get("policy_ms_per_step", math.nan),
+                "diverged_reason": last.get("diverged_reason", ""),
                 "error": (record.error or "").strip().splitlines()[-1:] or "",
             }
         )
@@ -361,6 +362,19 @@ def plot_experiment(records: Sequence[TrialRecord], folder: Path) -> list[Path]:
     return paths
 
 
+def _trouble(trials: pd.DataFrame) -> str:
+    """The trials that diverged or failed, each with its reason (Markdown)."""
+    lines = []
+    for _, t in trials.iterrows():
+        if t["status"] == "diverged":
+            lines.append(f"- {t['task']}/{t['policy']}/seed{t['seed']}: diverged: "
+                         f"{t['diverged_reason'] or 'no reason recorded'}")  # fmt: skip
+        elif t["status"] != "finished":
+            lines.append(f"- {t['task']}/{t['policy']}/seed{t['seed']}: {t['status']}: "
+                         f"{t['error'] or 'no error recorded'}")  # fmt: skip
+    return "\n## Trials that did not finish cleanly\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def write_outputs(records: Sequence[TrialRecord], output: Path, title: str) -> dict[str, Path]:
     """Write ``summary.csv``, ``trials.csv``, ``summary.md`` and the plots into ``output``."""
     output.mkdir(parents=True, exist_ok=True)
@@ -373,7 +387,7 @@ def write_outputs(records: Sequence[TrialRecord], output: Path, title: str) -> d
     }
     summary.to_csv(files["summary.csv"], index=False)
     trials.to_csv(files["trials.csv"], index=False)
-    files["summary.md"].write_text(to_markdown(summary, title))
+    files["summary.md"].write_text(to_markdown(summary, title) + _trouble(trials))
     for path in plot_experiment(records, output):
         files[path.name] = path
     return files

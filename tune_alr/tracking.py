@@ -49,6 +49,7 @@ _TAGS = {
     "caps_notes": "tune_alr.caps",
     "node_id": "tune_alr.node_id",
     "node_ip": "tune_alr.node_ip",
+    "diverged_reason": "tune_alr.diverged_reason",
 }
 _SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
 
