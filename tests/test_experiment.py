@@ -127,12 +127,31 @@ def test_report_rebuilds_the_summary_from_the_folder(finished, tmp_path: Path, c
         (["run", "--profile", "edge", "--cpus-per-trial", "2"], "either profile= or"),
         (["run", "--cpus-per-trial", "-1"], "cpus_per_trial must be a number >= 0"),
         (["run", "--node-type", "GPU"], "must name a custom Ray resource"),
+        (["run", "--seeds", "-2"], "seeds must be a count >= 1"),
+        (["run", "--storage", "ftp://x/y"], "has scheme 'ftp'; accepted: s3"),
+        (["run", "--tasks", "mnist", "--data-dir", "nope"], "data dir 'nope' does not exist"),
+        (["run", "--tasks", "mnist", "--data-dir", "nocols"], "lacks the column(s) ['image']"),
+        (["run", "--tasks", "mnist", "--data-dir", "badlabels"], "labels out of range"),
+        (["check-cluster", "bad.yaml"], "'ssh_usr' was unexpected) (at auth)"),
+        (["check-cluster", "missing.yaml"], "cluster file 'missing.yaml' does not exist"),
+        (["resume", "a_file"], "is not a tune-alr experiment folder"),
         (["ui", "--tracking-uri", "nonsense"], "malformed tracking URI"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("keep me")
+    for name, table in (
+        ("nocols", pa.table({"pixels": [[0] * 784], "label": [1]})),
+        ("badlabels", pa.table({"image": [[0] * 784] * 3, "label": [0, 12, 1]})),
+    ):
+        (tmp_path / name / "mnist").mkdir(parents=True)
+        pq.write_table(table, tmp_path / name / "mnist" / "train.parquet")
+    aws = (Path(__file__).parents[1] / "cluster" / "aws.yaml").read_text()
+    (tmp_path / "bad.yaml").write_text(aws.replace("ssh_user", "ssh_usr"))
     before = sorted(os.listdir(tmp_path))
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -148,6 +148,32 @@ def load_raw(source: Source, data_dir: Path | None) -> RawSplits:
     return RawSplits(splits, origin=f"the Hugging Face hub ({source.hub_id})")
 
 
+def check_local(source: Source, data_dir: Path) -> None:
+    """Check a local copy before any trial starts: files, columns and label range.
+
+    Reads only the Parquet schemas and label columns (fast even for the full sets).
+    Raises ``DataUnavailable`` naming the file and what was expected.
+    """
+    import pyarrow.parquet as pq
+
+    if not data_dir.is_dir():
+        raise DataUnavailable(f"data dir {str(data_dir)!r} does not exist.")
+    folder = data_dir / source.folder
+    files = [folder / f"{s}.parquet" for s in ("train", "test")]
+    present = [f for f in files if f.is_file()]
+    if not present:
+        raise _unavailable(source, f"no Parquet files in {str(folder)!r}")
+    for path in present:
+        missing = {source.input_column, "label"} - set(pq.read_schema(path).names)
+        if missing:
+            raise DataUnavailable(
+                f"{str(path)!r} lacks the column(s) {sorted(missing)}; expected "
+                f"{source.input_column!r} and 'label' (see ../shared/data/README.md)."
+            )
+        labels = pq.read_table(path, columns=["label"]).column("label").to_numpy()
+        check_labels(np.asarray(labels, dtype=np.int64), source.num_classes, str(path))
+
+
 def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
     """Raise ``DataUnavailable`` if a label falls outside ``0..num_classes-1``."""
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):

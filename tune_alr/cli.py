@@ -156,6 +156,9 @@ def parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
 
+    chk = sub.add_parser("check-cluster", help="check a ray up cluster file against Ray's schema")
+    chk.add_argument("file", help="e.g. cluster/aws.yaml")
+
     sub.add_parser("list", help="list the tasks, policies and hardware profiles")
     return root
 
@@ -198,6 +201,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _print_results(exp: Any, results: Any) -> int:
     from .report import format_table
+    from .tracking import redact
 
     summary = results.summary()
     print()
@@ -205,10 +209,10 @@ def _print_results(exp: Any, results: Any) -> int:
     print()
     print(f"Summary files:  {results.output_dir.resolve()}/ ({', '.join(sorted(results.files))})")
     print(f"Ray Tune trials: {results.experiment_dir}")
-    print(f"MLflow store:   {results.tracking_uri}")
+    print(f"MLflow store:   {redact(results.tracking_uri)}")
     ui = "tune-alr ui"
     if exp.tracking_uri:
-        ui += f" --tracking-uri {shlex.quote(exp.tracking_uri)}"
+        ui += f" --tracking-uri {shlex.quote(redact(exp.tracking_uri))}"
     print(f"Open the MLflow UI with:  {ui}   (then browse http://127.0.0.1:5000)")
     failed = summary["failed"].sum()
     return 1 if failed else 0
@@ -266,6 +270,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ui(args)
         if args.command == "list":
             return _list()
+        if args.command == "check-cluster":
+            from .clusterfile import check
+
+            config = check(args.file)
+            types = ", ".join(sorted(config.get("available_node_types", {})))
+            print(
+                f"{args.file}: valid ({config['provider']['type']} provider; node types: {types})"
+            )
+            return 0
     except ValueError as err:
         print(f"tune-alr: error: {err}", file=sys.stderr)
         return 2
@@ -293,14 +306,14 @@ def _report(args: argparse.Namespace) -> int:
         files = sorted(p for p in output.glob("*") if p.suffix in (".csv", ".md", ".png"))
         tracking.finish_parent(handle, "FINISHED", files)
         print(
-            f"MLflow: {len(records)} trial(s) logged into {args.tracking_uri} "
+            f"MLflow: {len(records)} trial(s) logged into {tracking.redact(args.tracking_uri)} "
             f"(parent run {handle.parent_run_id})"
         )
     return 0
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from .tracking import check_tracking_uri, default_tracking_uri
+    from .tracking import check_tracking_uri, default_tracking_uri, redact
 
     uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
     command = [
@@ -310,7 +323,7 @@ def _ui(args: argparse.Namespace) -> int:
         "--port", str(args.port),
         "--workers", "1",  # one process is plenty for one user, and saves memory
     ]  # fmt: skip
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it.")
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {redact(uri)}); Ctrl-C stops it.")
     sys.stdout.flush()
     os.execv(sys.executable, command)
     return 0  # not reached

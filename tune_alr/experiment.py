@@ -320,6 +320,7 @@ class Experiment:
                 raise ValueError(f"{label} has duplicates: {names!r}.")
         self.ray_resources()  # the profile or the plain resources
         self.trial_configs()  # every trial setting, target and budget included
+        self._check_local_data()
         if self.max_concurrent is not None and (
             not isinstance(self.max_concurrent, int) or self.max_concurrent < 1
         ):
@@ -341,6 +342,17 @@ class Experiment:
         db = tracking.sqlite_path(self.uri)
         if db is not None:
             _check_writable("tracking store folder", db.parent)
+
+    def _check_local_data(self) -> None:
+        """Local Parquet copies: files, columns and labels, before any trial loads them."""
+        from trainables import hub
+
+        data_dir = hub.data_dir_from(self.trial.get("data_dir"))
+        if data_dir is None:
+            return
+        for task in self.tasks:
+            if task in hub.SOURCES:
+                hub.check_local(hub.SOURCES[task], data_dir)
 
 
 def _check_writable(label: str, folder: Path) -> None:

@@ -79,6 +79,15 @@ def check_tracking_uri(uri: str) -> str:
     return uri
 
 
+def redact(uri: str) -> str:
+    """``uri`` with any password replaced by ``***`` (for printing and warnings)."""
+    parsed = urlparse(uri)
+    if parsed.password is None:
+        return uri
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
+    return parsed._replace(netloc=netloc).geturl()
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, else ``None``."""
     if not uri.startswith("sqlite:///"):
@@ -366,7 +375,8 @@ class MLflowTracking(tune.Callback):
         except Exception as err:  # any store failure: keep training, say so once
             self.failed = f"{what}: {type(err).__name__}: {err}"
             warnings.warn(
-                f"MLflow tracking at {self.handle.tracking_uri} failed ({self.failed}); "
+                f"MLflow tracking at {redact(self.handle.tracking_uri)} failed "
+                f"({self.failed}); "
                 "training goes on and Ray keeps every result in its experiment folder "
                 "(`tune-alr report <folder>` summarises it).",
                 RuntimeWarning,
