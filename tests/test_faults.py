@@ -157,7 +157,7 @@ def test_a_killed_driver_resumes_the_unfinished_trials_only(tmp_path: Path) -> N
     assert finished_before, "the driver finished before it could be killed mid-experiment"
 
     resumed = subprocess.run(
-        _cli("resume", str(folder), "--quiet"), env=env, cwd=tmp_path,
+        _cli("resume", str(folder)), env=env, cwd=tmp_path,
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     _end_leftovers(ray_tmp)

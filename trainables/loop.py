@@ -22,7 +22,7 @@ The metrics of each report:
 * ``policy_ms_per_step``: time inside ``policy.step`` (its probes included) per step;
 * ``proc/*``: what the process used (``tune_alr.monitor``: CPU percent, CPU seconds
   summed over restarts, resident memory and its peak, GPU memory where CUDA is used);
-* ``profile``, ``caps/*`` and ``caps_notes`` (first report of each process): the
+* ``profile``, ``caps/*`` and ``caps_notes`` (first report of each start or restart): the
   hardware caps the trial ran under (``tune_alr.hardware``);
 * ``status``: ``"running"``, then ``"finished"`` or ``"diverged"`` (with
   ``diverged_reason``) in the last report,
@@ -30,7 +30,7 @@ The metrics of each report:
   ``test_loss`` and ``test_acc``;
 * ``steps_to_target``, ``wall_s_to_target``: from the first report whose ``val_acc``
   reached ``target`` on, when a target is set (time to target at report granularity);
-* ``data_notes`` (first report only, when the loader has any): where the data came from
+* ``data_notes`` (the same reports, when the loader has any): where the data came from
   and how it was cut.
 """
 

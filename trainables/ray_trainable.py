@@ -2,7 +2,7 @@
 
 ``train(config)`` is a Ray Tune function trainable. It resumes from
 ``tune.get_checkpoint()`` when Ray restarts the trial, and forwards every report of the
-loop to ``tune.report`` with its checkpoint; the first report of each worker process also
+loop to ``tune.report`` with its checkpoint; the first report of each start or restart also
 says which node it ran on (``node_id``, ``node_ip``). (``ray.train.report`` and
 ``ray.train.get_checkpoint`` make a Tune trial fail under Ray 2.60: use ``ray.tune``'s.)
 """
@@ -19,7 +19,7 @@ from . import loop
 
 def _report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
     checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-    if "caps/threads" in metrics:  # the first report of this process: say where it ran
+    if "caps/threads" in metrics:  # the first report of this start: say where it ran
         context = ray.get_runtime_context()
         metrics = {
             **metrics,

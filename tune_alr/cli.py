@@ -149,7 +149,6 @@ def parser() -> argparse.ArgumentParser:
 
     res = sub.add_parser("resume", help="finish an interrupted experiment (unfinished trials only)")
     res.add_argument("directory", help="its Ray Tune folder (e.g. results/demo/ray/demo)")
-    res.add_argument("--quiet", action="store_true", help="no Ray Tune progress output")
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the project's store")
     ui.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///./mlflow.db)")
@@ -195,7 +194,7 @@ def _run(exp: Any) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from .experiment import resume
 
-    results = resume(args.directory, verbose=0 if args.quiet else None)
+    results = resume(args.directory)
     return _print_results(results.experiment, results)
 
 

@@ -480,17 +480,8 @@ def run(exp: Experiment) -> Results:
     # checkpoints; with a report (and checkpoint) every few seconds that is expected
     # here, cheap for these small states, and its warning would flood the progress.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    started_ray = not ray.is_initialized()
     resources = exp.ray_resources()
-    if started_ray:
-        local = exp.address is None
-        ray.init(
-            address=exp.address,
-            include_dashboard=False,
-            configure_logging=False,
-            # On one machine, that machine plays the asked-for node type.
-            resources={exp.node_type_resource: 1.0} if local and exp.node_type_resource else None,
-        )
+    started_ray = _init_ray(exp)
     status = "FAILED"
     try:
         check_fits(resources, ray.cluster_resources(), strict=started_ray and not exp.address)
@@ -556,6 +547,7 @@ def _write_spec(exp: Experiment, handle: tracking.Handle | None) -> None:
 
 
 def read_spec(path: str) -> tuple[Experiment, tracking.Handle | None]:
+    """The Experiment and MLflow handle that ``run`` saved in its Ray Tune folder."""
     import pyarrow.fs
 
     uri = path if "://" in path else Path(path).resolve().as_uri()
@@ -576,11 +568,12 @@ def read_spec(path: str) -> tuple[Experiment, tracking.Handle | None]:
     return Experiment(**fields), (tracking.Handle(**tracked) if tracked else None)
 
 
-def resume(path: str | os.PathLike[str], *, verbose: int | None = None) -> Results:
+def resume(path: str | os.PathLike[str]) -> Results:
     """Finish an interrupted experiment from its Ray Tune folder (``Tuner.restore``).
 
     Trials that finished are kept as they are; unfinished and errored ones continue from
     their last checkpoints; MLflow logging continues in the same parent and child runs.
+    Ray Tune's run settings (progress output included) are those of the first run.
     Raises ``ValueError`` if ``path`` is not an experiment folder ``run`` wrote.
     """
     from ray import tune
@@ -588,17 +581,13 @@ def resume(path: str | os.PathLike[str], *, verbose: int | None = None) -> Resul
     import trainables
 
     exp, handle = read_spec(os.fspath(path))
-    if verbose is not None:
-        exp = dataclasses.replace(exp, verbose=verbose)
     if not tune.Tuner.can_restore(os.fspath(path)):
         raise ValueError(f"Ray Tune cannot restore {os.fspath(path)!r} (no experiment state).")
     import ray
 
     if handle is not None:
         tracking.reopen_parent(handle)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=exp.address, include_dashboard=False, configure_logging=False)
+    started_ray = _init_ray(exp)
     status = "FAILED"
     try:
         tuner = tune.Tuner.restore(
@@ -627,6 +616,23 @@ def resume(path: str | os.PathLike[str], *, verbose: int | None = None) -> Resul
                 )
         if started_ray:
             ray.shutdown()
+
+
+def _init_ray(exp: Experiment) -> bool:
+    """Start or join Ray for ``exp`` unless it is up; whether this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    local = exp.address is None
+    ray.init(
+        address=exp.address,
+        include_dashboard=False,
+        configure_logging=False,
+        # On one machine, that machine plays the asked-for node type.
+        resources={exp.node_type_resource: 1.0} if local and exp.node_type_resource else None,
+    )
+    return True
 
 
 def check_fits(
