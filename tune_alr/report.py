@@ -362,6 +362,53 @@ def plot_experiment(records: Sequence[TrialRecord], folder: Path) -> list[Path]:
     return paths
 
 
+def _comparisons(trials: pd.DataFrame) -> pd.DataFrame | None:
+    """Paired comparisons against the baseline, when a target was set and seeds pair."""
+    from .stats import compare
+
+    timed = trials["steps_to_target"].notna().any()
+    if not timed or trials["seed"].nunique() < 2 or trials["policy"].nunique() < 2:
+        return None
+    return compare(trials)
+
+
+def _comparison_markdown(comparisons: pd.DataFrame | None) -> str:
+    if comparisons is None or comparisons.empty:
+        return ""
+    lines = [
+        "",
+        f"## Time to target against {comparisons['baseline'].iloc[0]} (paired seeds)",
+        "",
+        "Median speed-up (baseline time / policy time; a miss is infinitely slow) with its "
+        "95% bootstrap interval; p: Wilcoxon signed-rank on log time, Holm-corrected "
+        "across all rows.",
+        "",
+        "| task | policy | pairs | speed-up in steps | p (Holm) | speed-up in wall s | p (Holm) |",
+        "|" + " --- |" * 7,
+    ]
+    for _, r in comparisons.iterrows():
+        lines.append(
+            f"| {r['task']} | {r['policy']} | {r['pairs']} "
+            f"| {_speedup(r, 'steps')} | {_p(r['steps_p_holm'])} "
+            f"| {_speedup(r, 'wall')} | {_p(r['wall_p_holm'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _speedup(row: Any, label: str) -> str:
+    median, low, high = row[f"{label}_speedup"], row[f"{label}_ci_low"], row[f"{label}_ci_high"]
+    if math.isnan(median):
+        return "-"
+    return f"{median:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _p(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    mark = " *" if value < 0.05 else ""
+    return f"{value:.3g}{mark}"
+
+
 def _trouble(trials: pd.DataFrame) -> str:
     """The trials that diverged or failed, each with its reason (Markdown)."""
     lines = []
@@ -387,7 +434,13 @@ def write_outputs(records: Sequence[TrialRecord], output: Path, title: str) -> d
     }
     summary.to_csv(files["summary.csv"], index=False)
     trials.to_csv(files["trials.csv"], index=False)
-    files["summary.md"].write_text(to_markdown(summary, title) + _trouble(trials))
+    comparisons = _comparisons(trials)
+    if comparisons is not None:
+        files["comparisons.csv"] = output / "comparisons.csv"
+        comparisons.to_csv(files["comparisons.csv"], index=False)
+    files["summary.md"].write_text(
+        to_markdown(summary, title) + _comparison_markdown(comparisons) + _trouble(trials)
+    )
     for path in plot_experiment(records, output):
         files[path.name] = path
     return files

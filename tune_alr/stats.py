@@ -1,0 +1,188 @@
+"""Statistics for comparing policies over paired seeds (``scipy.stats``).
+
+The unit of comparison is a *pair*: the same task and seed (same initial weights and
+data order) under two policies. Time to target is the primary measure, and a run that
+never reaches the target took infinitely long:
+
+* :func:`paired_test`: the Wilcoxon signed-rank test on log time to target. A miss is
+  ranked above every hit by standing in as ``MISS_FACTOR`` x the slowest hit of the
+  comparison (ranks, not the value, matter); pairs where both missed are ties.
+* :func:`holm`: Holm's step-down correction across a family of comparisons.
+* :func:`speedup_ci`: the median speed-up (baseline time / policy time per pair; a
+  policy hit against a baseline miss is ``inf``, the reverse ``0``) and its 95%
+  bootstrap confidence interval (percentile method, seeded).
+* :func:`performance_profile`: Dolan-More profiles, the fraction of problems (task,
+  seed) each policy solves within a factor tau of the best policy on that problem.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+#: A miss stands in as this many times the slowest hit when ranking differences.
+MISS_FACTOR = 10.0
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """The outcome of :func:`paired_test`."""
+
+    pairs: int  # pairs where at least one side reached the target
+    statistic: float
+    p_value: float
+
+
+def _as_array(values: Sequence[float]) -> np.ndarray:
+    return np.asarray([math.inf if v is None else float(v) for v in values], dtype=float)
+
+
+def paired_test(policy: Sequence[float], baseline: Sequence[float]) -> PairedTest:
+    """Two-sided Wilcoxon signed-rank test on log times to target (``inf`` = miss)."""
+    a, b = _as_array(policy), _as_array(baseline)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples differ in length: {len(a)} and {len(b)}.")
+    if np.isnan(a).any() or np.isnan(b).any():
+        raise ValueError("times to target must be numbers or inf (a miss), not NaN.")
+    keep = np.isfinite(a) | np.isfinite(b)  # both missed: a tie, no information
+    a, b = a[keep], b[keep]
+    hits = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)]])
+    if len(a) == 0 or not (hits > 0).all():
+        return PairedTest(len(a), math.nan, 1.0)
+    stand_in = MISS_FACTOR * hits.max()
+    diff = np.log(np.where(np.isfinite(a), a, stand_in)) - np.log(
+        np.where(np.isfinite(b), b, stand_in)
+    )
+    if np.all(diff == 0):
+        return PairedTest(len(a), 0.0, 1.0)
+    result = stats.wilcoxon(diff, zero_method="wilcox", alternative="two-sided")
+    return PairedTest(len(a), float(result.statistic), float(result.pvalue))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values, in the order given (NaN stays NaN)."""
+    p = np.asarray(p_values, dtype=float)
+    valid = np.flatnonzero(~np.isnan(p))
+    adjusted = np.full(len(p), math.nan)
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
+
+
+def speedup_ci(
+    policy: Sequence[float], baseline: Sequence[float], *, seed: int = 0, resamples: int = 9999
+) -> tuple[float, float, float]:
+    """Median speed-up of ``policy`` over ``baseline`` and its 95% bootstrap interval."""
+    a, b = _as_array(policy), _as_array(baseline)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(
+            np.isfinite(a) & np.isfinite(b),
+            b / a,
+            np.where(np.isfinite(a), math.inf, np.where(np.isfinite(b), 0.0, math.nan)),
+        )
+    ratio = ratio[~np.isnan(ratio)]  # both missed: no speed-up to speak of
+    if len(ratio) == 0:
+        return math.nan, math.nan, math.nan
+    median = float(np.median(ratio))
+    if len(ratio) < 2 or np.all(ratio == ratio[0]):
+        return median, median, median
+    with np.errstate(invalid="ignore"):  # inf ratios: the percentile method copes
+        ci = stats.bootstrap(
+            (ratio,),
+            np.median,
+            confidence_level=0.95,
+            n_resamples=resamples,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        ).confidence_interval
+    return median, float(ci.low), float(ci.high)
+
+
+def compare(trials: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
+    """Every policy against ``baseline`` per task, on paired seeds; Holm across all rows.
+
+    ``trials`` is ``report.trials_frame`` (columns task, policy, seed,
+    steps_to_target, wall_s_to_target; a miss is ``inf``). ``baseline`` defaults to
+    ``constant`` when present, else the first policy. Returns one row per (task,
+    policy) with the number of pairs, the median speed-up in steps and in wall
+    seconds with 95% bootstrap intervals, and the Wilcoxon p-values (raw and Holm).
+    """
+    policies = sorted(trials["policy"].unique())
+    if baseline is None:
+        baseline = "constant" if "constant" in policies else policies[0]
+    if baseline not in policies:
+        raise ValueError(f"baseline {baseline!r} is not among the policies {policies}.")
+    rows = []
+    for task, group in trials.groupby("task", sort=True):
+        wide = group.pivot_table(
+            index="seed", columns="policy", values=["steps_to_target", "wall_s_to_target"],
+            aggfunc="first",
+        )  # fmt: skip
+        for policy in sorted(group["policy"].unique()):
+            if policy == baseline or baseline not in group["policy"].values:
+                continue
+            row: dict[str, object] = {"task": task, "policy": policy, "baseline": baseline}
+            for measure, label in (("steps_to_target", "steps"), ("wall_s_to_target", "wall")):
+                pair = wide[measure][[policy, baseline]].dropna()
+                a, b = pair[policy].tolist(), pair[baseline].tolist()
+                test = paired_test(a, b)
+                median, low, high = speedup_ci(a, b)
+                row.update(
+                    {
+                        "pairs": len(pair),
+                        f"{label}_speedup": median,
+                        f"{label}_ci_low": low,
+                        f"{label}_ci_high": high,
+                        f"{label}_p": test.p_value,
+                    }
+                )
+            rows.append(row)
+    out = pd.DataFrame(rows)
+    if not out.empty:
+        for label in ("steps", "wall"):
+            out[f"{label}_p_holm"] = holm(out[f"{label}_p"].tolist())
+    return out
+
+
+def performance_profile(
+    times: Mapping[str, Sequence[float]], taus: Sequence[float] | None = None
+) -> pd.DataFrame:
+    """Fraction of problems each policy solves within ``tau`` x the best time.
+
+    ``times[policy][i]`` is the time on problem ``i`` (``inf`` = miss); every policy
+    has the same problems in the same order. Returns one column per policy, indexed
+    by ``tau`` (from 1).
+    """
+    names = list(times)
+    table = np.vstack([_as_array(times[n]) for n in names])  # policies x problems
+    best = table.min(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(np.isfinite(table), table / best, math.inf)
+    if taus is None:
+        finite = ratios[np.isfinite(ratios)]
+        top = float(finite.max()) if finite.size else 1.0
+        grid = np.unique(np.concatenate([[1.0], np.geomspace(1.0, max(top, 1.0) * 1.05, 50)]))
+    else:
+        grid = np.asarray(taus, dtype=float)
+    data = {n: [(ratios[i] <= t).mean() for t in grid] for i, n in enumerate(names)}
+    return pd.DataFrame(data, index=pd.Index(grid, name="tau"))
+
+
+__all__ = [
+    "MISS_FACTOR",
+    "PairedTest",
+    "compare",
+    "holm",
+    "paired_test",
+    "performance_profile",
+    "speedup_ci",
+]
