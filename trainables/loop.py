@@ -15,6 +15,7 @@ The metrics of each report:
 * ``step``, ``epoch`` (fractional), ``train_loss`` (mean since the last report),
   ``val_loss``, ``val_acc``, ``lr`` (after the last step), ``samples_per_s`` (over the
   window, evaluation included), ``wall_s`` (training wall time, summed over restarts),
+  ``loop_s`` (the loop's wall time so far, the earlier reports' cost included),
   ``skipped_steps`` (non-finite losses or gradients whose update was skipped);
 * ``lr_trace``: the LR applied at each optimizer step since the last report, and
   ``lr_trace_start``, the step number of its first entry (steps count from 1);
@@ -181,6 +182,7 @@ def _train(
     best_val_acc = -math.inf
     policy_s = 0.0  # time inside policy.step, probes included: the policy's own cost
     cpu_s_before = 0.0  # CPU seconds of earlier runs of this trial (restarts)
+    loop_s_before = 0.0  # loop wall time of earlier runs
     reached: tuple[int, float] | None = None  # (step, wall_s) when val_acc first >= target
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -199,12 +201,13 @@ def _train(
         reached = resume["reached"]
         policy_s = resume.get("policy_s", 0.0)
         cpu_s_before = resume.get("cpu_s", 0.0)
+        loop_s_before = resume.get("loop_s", 0.0)
 
     model.train()
     lr_trace: list[float] = []
     trace_start = first_trace = step + 1
     window_loss, window_n, window_samples = 0.0, 0, 0
-    window_t0 = time.perf_counter()
+    window_t0 = loop_t0 = time.perf_counter()
     status = "running"
     last: dict[str, Any] = {}
 
@@ -274,6 +277,7 @@ def _train(
             "lr": float(optimizer.param_groups[0]["lr"]),
             "samples_per_s": window_samples / elapsed if elapsed > 0 else math.nan,
             "wall_s": wall_s,
+            "loop_s": loop_s_before + (time.perf_counter() - loop_t0),
             "skipped_steps": skipped,
             "total_steps": total_steps,
             "lr_trace": lr_trace,
@@ -317,6 +321,7 @@ def _train(
                         "position": position,
                         "permutation": permutation,
                         "wall_s": wall_s,
+                        "loop_s": metrics["loop_s"],
                         "skipped": skipped,
                         "best_val_acc": best_val_acc,
                         "reached": reached,
