@@ -96,6 +96,7 @@ def test_absurd_lr_diverges_cleanly_without_a_checkpoint(tmp_path: Path) -> None
         ({"seed": -3}, "seed must be an integer >= 0, got -3"),
         ({"colour": "red"}, "unknown trial setting(s) 'colour'"),
         ({"policy_params": {"interval": 0}}, "interval must be an integer >= 1, got 0"),
+        ({"diverge_factor": 1.0}, "diverge_factor must be > 1 (or None), got 1.0"),
     ],
 )
 def test_bad_trial_config(change: dict, fragment: str) -> None:

@@ -48,6 +48,7 @@ class TrialConfig:
     limit_train: int | None = None
     threads: int | None = None
     max_bad_steps: int = 20
+    diverge_factor: float | None = 10.0
     task_params: Mapping[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
     budget: float | None = None
@@ -101,6 +102,12 @@ class TrialConfig:
         if self.threads is not None:
             check_int("threads", self.threads, minimum=1)
         check_int("max_bad_steps", self.max_bad_steps, minimum=1)
+        if self.diverge_factor is not None:
+            check_positive("diverge_factor", self.diverge_factor)
+            if self.diverge_factor <= 1:
+                raise ValueError(
+                    f"diverge_factor must be > 1 (or None), got {self.diverge_factor!r}."
+                )
         tasks.get(self.task).resolve_params(dict(self.task_params))
         if self.budget is not None and not (
             isinstance(self.budget, (int, float)) and 0 < self.budget <= 1

@@ -203,6 +203,12 @@ def _train(
         cpu_s_before = resume.get("cpu_s", 0.0)
         loop_s_before = resume.get("loop_s", 0.0)
 
+    # The untrained model's validation loss: a later one far above it has exploded.
+    initial_val_loss = (
+        resume["initial_val_loss"]
+        if resume and "initial_val_loss" in resume
+        else evaluate(model, data.val)[0]
+    )
     model.train()
     lr_trace: list[float] = []
     trace_start = first_trace = step + 1
@@ -263,6 +269,14 @@ def _train(
             diverged, reason = True, "the weights became non-finite"
         elif not math.isfinite(val_loss):
             diverged, reason = True, "the validation loss is not finite"
+        elif cfg.diverge_factor is not None and val_loss > cfg.diverge_factor * initial_val_loss:
+            diverged, reason = (
+                True,
+                (
+                    f"the validation loss {val_loss:.3g} exceeds {cfg.diverge_factor:g}x its "
+                    f"initial {initial_val_loss:.3g}"
+                ),
+            )
         elapsed = time.perf_counter() - window_t0
         wall_s += elapsed
         best_val_acc = max(best_val_acc, val_acc)
@@ -326,6 +340,7 @@ def _train(
                         "best_val_acc": best_val_acc,
                         "reached": reached,
                         "policy_s": policy_s,
+                        "initial_val_loss": initial_val_loss,
                         "cpu_s": metrics["proc/cpu_s"],
                         "config": cfg.to_dict(),
                     },
