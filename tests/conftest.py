@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,3 +42,10 @@ def shared_data() -> Path:
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     pytest.skip("real datasets not present (set TUNE_ALR_DATA_DIR or place ../shared/data)")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for servers tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import free_port
 
 from tune_alr.tracking import redact
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_passwords_in_tracking_uris_are_never_printed() -> None:
@@ -30,7 +24,7 @@ def test_passwords_in_tracking_uris_are_never_printed() -> None:
 
 @pytest.mark.slow
 def test_the_mlflow_ui_listens_on_loopback_only(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     ui = subprocess.Popen(
         [sys.executable, "-m", "tune_alr.cli", "ui", "--port", str(port),
          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],

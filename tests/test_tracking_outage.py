@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,18 +13,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 import tune_alr
 from tune_alr import cli
 from tune_alr.experiment import Experiment
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:
@@ -69,7 +63,7 @@ class Server:
 
 
 def test_an_outage_loses_nothing_and_report_relogs(ray_session: None, tmp_path: Path) -> None:
-    server = Server(tmp_path, _free_port())
+    server = Server(tmp_path, free_port())
     server.start()
     try:
         exp = Experiment(

@@ -294,7 +294,7 @@ def _report(args: argparse.Namespace) -> int:
     print(f"\nSummary files: {output.resolve()}/")
     if args.tracking_uri:
         from . import tracking
-        from .experiment import SPEC_FILE, read_spec
+        from .experiment import SPEC_FILE, read_spec, summary_files
 
         tracking.check_tracking_uri(args.tracking_uri)
         name, parent = Path(args.directory).resolve().name, None
@@ -302,8 +302,7 @@ def _report(args: argparse.Namespace) -> int:
             exp, parent = read_spec(args.directory)
             name = exp.name
         handle = tracking.relog(records, args.tracking_uri, name, parent)
-        files = sorted(p for p in output.glob("*") if p.suffix in (".csv", ".md", ".png"))
-        tracking.finish_parent(handle, "FINISHED", files)
+        tracking.finish_parent(handle, "FINISHED", summary_files(output))
         print(
             f"MLflow: {len(records)} trial(s) logged into {tracking.redact(args.tracking_uri)} "
             f"(parent run {handle.parent_run_id})"

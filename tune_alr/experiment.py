@@ -492,15 +492,7 @@ def run(exp: Experiment) -> Results:
         status = "FINISHED"
         return results
     finally:
-        try:
-            files = _summary_files(exp.output_dir)
-            tracking.finish_parent(handle, status, files)
-        except Exception as err:  # tracking must not hide the run's own outcome
-            import warnings
-
-            warnings.warn(
-                f"could not close the MLflow parent run: {err}", RuntimeWarning, stacklevel=2
-            )
+        _close_parent(handle, status, exp.output_dir)
         if started_ray:
             ray.shutdown()
 
@@ -605,15 +597,7 @@ def resume(path: str | os.PathLike[str]) -> Results:
         status = "FINISHED"
         return results
     finally:
-        if handle is not None:
-            try:
-                tracking.finish_parent(handle, status, _summary_files(exp.output_dir))
-            except Exception as err:  # tracking must not hide the run's own outcome
-                import warnings
-
-                warnings.warn(
-                    f"could not close the MLflow parent run: {err}", RuntimeWarning, stacklevel=2
-                )
+        _close_parent(handle, status, exp.output_dir)
         if started_ray:
             ray.shutdown()
 
@@ -666,7 +650,19 @@ def check_fits(
     warnings.warn(message + " Waiting for the cluster to scale up.", RuntimeWarning, stacklevel=2)
 
 
-def _summary_files(output: Path) -> list[Path]:
+def _close_parent(handle: tracking.Handle | None, status: str, output: Path) -> None:
+    """End the MLflow parent run with the summary files; a failure only warns."""
+    if handle is None:
+        return
+    try:
+        tracking.finish_parent(handle, status, summary_files(output))
+    except Exception as err:  # tracking must not hide the run's own outcome
+        import warnings
+
+        warnings.warn(f"could not close the MLflow parent run: {err}", RuntimeWarning, stacklevel=3)
+
+
+def summary_files(output: Path) -> list[Path]:
     return sorted(p for p in output.glob("*") if p.suffix in (".csv", ".md", ".png"))
 
 
