@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED := 1
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,anchors]'
 	touch $@
 
 ## demo: the main job on the embedded digits task; results in results/demo, MLflow in ./mlflow.db

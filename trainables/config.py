@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from tune_alr import hardware
+from tune_alr import hardware, optimizers
 from tune_alr.policies import build
 from tune_alr.policies.base import check_int, check_positive
 
 from . import tasks
 from .data import SplitPlan
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+OPTIMIZERS = tuple(optimizers.available())
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -74,6 +74,12 @@ class TrialConfig:
                 raise ValueError(f"a trial config needs {required!r}.")
         task = tasks.get(config["task"])
         merged = {**task.defaults, **{k: v for k, v in config.items() if v is not None}}
+        if config.get("lr") is None and merged.get("optimizer") in OPTIMIZERS:
+            # An anchor given without an LR runs at its authors' default, not the task's
+            # (Prodigy at the task's Adam LR of 1e-3 would be 1000x too timid).
+            anchor_lr = optimizers.default_lr(merged["optimizer"])
+            if anchor_lr is not None and config.get("optimizer") is not None:
+                merged["lr"] = anchor_lr
         return cls(**merged).validated()
 
     def validated(self) -> TrialConfig:
@@ -83,10 +89,9 @@ class TrialConfig:
         dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         build(self.policy, dummy, total_steps=self.max_steps or 1000, **dict(self.policy_params))
         check_int("seed", self.seed, minimum=0)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}."
-            )
+        optimizers.check(self.optimizer)  # known, and its package installed
+        if not isinstance(self.optimizer_params, Mapping):
+            raise ValueError(f"optimizer_params must be a dict, got {self.optimizer_params!r}.")
         check_positive("lr", self.lr)
         check_int("batch_size", self.batch_size, minimum=1)
         check_int("epochs", self.epochs, minimum=1)

@@ -13,11 +13,13 @@ data order, same LR sequence.
 The metrics of each report:
 
 * ``step``, ``epoch`` (fractional), ``train_loss`` (mean since the last report),
-  ``val_loss``, ``val_acc``, ``lr`` (after the last step), ``samples_per_s`` (over the
+  ``val_loss``, ``val_acc``, ``lr`` (the step size of the last step: the group's LR, or
+  for an anchor optimizer its own effective step size, see ``tune_alr.optimizers``),
+  ``samples_per_s`` (over the
   window, evaluation included), ``wall_s`` (training wall time, summed over restarts),
   ``loop_s`` (the loop's wall time so far, the earlier reports' cost included),
   ``skipped_steps`` (non-finite losses or gradients whose update was skipped);
-* ``lr_trace``: the LR applied at each optimizer step since the last report, and
+* ``lr_trace``: the LR (step size) applied at each optimizer step since the last report, and
   ``lr_trace_start``, the step number of its first entry (steps count from 1);
 * ``policy/<name>``: the policy's own numeric diagnostics (its factor, checks, ...);
 * ``policy_ms_per_step``: time inside ``policy.step`` (its probes included) per step;
@@ -52,9 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_alr import hardware
+from tune_alr import hardware, optimizers
 from tune_alr.monitor import ResourceSampler
-from tune_alr.policies import build
+from tune_alr.policies import Policy, build
 
 from . import tasks
 from .config import TrialConfig
@@ -69,19 +71,24 @@ EVAL_BATCH = 512
 def make_optimizer(
     name: str, params: Any, lr: float, extra: Mapping[str, Any]
 ) -> torch.optim.Optimizer:
-    """The optimizer ``name`` (sgd, adam, adamw, rmsprop) at ``lr``, with ``extra`` kwargs."""
-    classes: dict[str, Any] = {
-        "sgd": torch.optim.SGD,
-        "adam": torch.optim.Adam,
-        "adamw": torch.optim.AdamW,
-        "rmsprop": torch.optim.RMSprop,
-    }
+    """The PyTorch optimizer ``name`` (sgd, adam, adamw, rmsprop) at ``lr``, with ``extra``.
+
+    Anchors (Schedule-Free, Prodigy, ...) need their hooks: use ``optimizers.build``.
+    """
+    if name not in optimizers.BUILTIN:
+        raise ValueError(
+            f"make_optimizer builds PyTorch's optimizers ({', '.join(optimizers.BUILTIN)}); "
+            f"got {name!r}: use tune_alr.optimizers.build for the anchors."
+        )
+    cls = optimizers.spec(name)
+    optimizer_class = getattr(torch.optim, cls.cls)
     try:
-        return classes[name](params, lr=lr, **extra)
+        optimizer: torch.optim.Optimizer = optimizer_class(params, lr=lr, **extra)
     except TypeError as err:
         raise ValueError(
             f"optimizer {name!r} rejected its parameters {dict(extra)}: {err}"
         ) from err
+    return optimizer
 
 
 @torch.no_grad()
@@ -114,6 +121,61 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"no {CHECKPOINT_FILE} in checkpoint folder {directory}.")
     state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
     return state
+
+
+def reapply_hyperparameters(
+    cfg: TrialConfig, saved: Mapping[str, Any], policy: Policy, total_steps: int
+) -> list[str]:
+    """Re-apply ``cfg``'s hyperparameters over a checkpoint taken under ``saved``.
+
+    Population Based Training continues a trial from a donor's checkpoint under the
+    donor's config perturbed (e.g. ``lr`` x 1.2). The checkpoint holds the donor's
+    optimizer and policy, LRs included; without this the perturbation would be lost.
+
+    * ``lr``: the policy's base LRs are scaled by ``cfg.lr / saved lr``; its own state
+      (factor, history) is the donor's, so the LR continues as perturbed base x factor.
+    * ``optimizer_params``: written into every parameter group that has the key.
+    * ``policy_params``: the attributes a changed parameter sets at construction
+      (found by building the policy under both) take the new values; the rest of the
+      state stays the donor's.
+
+    Returns the names re-applied (empty for an ordinary restart).
+    """
+    changed: list[str] = []
+    old_lr = saved.get("lr")
+    if cfg.lr is not None and old_lr and not math.isclose(cfg.lr, old_lr, rel_tol=1e-12):
+        policy.rebase([base * cfg.lr / old_lr for base in policy.base_lrs])
+        changed.append("lr")
+    old_opt = dict(saved.get("optimizer_params") or {})
+    for key, value in cfg.optimizer_params.items():
+        if old_opt.get(key) != value:
+            for group in policy.optimizer.param_groups:
+                if key in group:
+                    group[key] = tuple(value) if isinstance(group[key], tuple) else value
+            changed.append(f"optimizer_params.{key}")
+    old_pol = dict(saved.get("policy_params") or {})
+    if old_pol != dict(cfg.policy_params):
+
+        def fresh(params: Mapping[str, Any]) -> dict[str, Any]:
+            dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+            return build(cfg.policy, dummy, total_steps=total_steps, **params).state_dict()
+
+        before, after = fresh(old_pol), fresh(cfg.policy_params)
+        state = policy.state_dict()
+        for key, value in after.items():
+            if key in state and _differs(before.get(key), value):
+                state[key] = value
+        policy.load_state_dict(state)
+        changed.extend(f"policy_params.{k}" for k in sorted(set(old_pol) | set(cfg.policy_params))
+                       if old_pol.get(k) != cfg.policy_params.get(k))  # fmt: skip
+    return changed
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except (RuntimeError, ValueError):  # tensors: compare by value
+        return not torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 
 
 def _finite_params(model: nn.Module) -> bool:
@@ -162,15 +224,33 @@ def _train(
     data = task.load(cfg)
     model = task.build_model(data, cfg).to(device)
     sampler.check()  # data and model are in memory: the first place a cap can bite
-    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.optimizer_params)
+    bn_order = torch.Generator().manual_seed(cfg.seed + 1)  # never touches the data order
+    batch_size = cfg.batch_size
+
+    def bn_batches() -> Any:
+        # Schedule-Free re-measures BatchNorm statistics on a few training batches.
+        rows = torch.randperm(len(data.train), generator=bn_order)
+        for k in range(optimizers.BN_BATCHES):
+            chunk = rows[k * batch_size : (k + 1) * batch_size]
+            if len(chunk):
+                yield data.train.take(chunk).to(device).inputs
+
+    run = optimizers.build(
+        cfg.optimizer, model, cfg.lr, cfg.optimizer_params, bn_batches=bn_batches
+    )
+    optimizer = run.optimizer
     n_train = len(data.train)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
+    def evaluate_on(split: Split) -> tuple[float, float]:
+        with run.eval_model() as weights:  # Schedule-Free's x, DoG's average
+            return evaluate(weights, split)
+
     def probe() -> float:
-        return evaluate(model, data.probe)[0]
+        return evaluate_on(data.probe)[0]
 
     policy = build(
         cfg.policy, optimizer, evaluate=probe, total_steps=total_steps, **cfg.policy_params
@@ -189,6 +269,9 @@ def _train(
         optimizer.load_state_dict(resume["optimizer"])
         # After the optimizer: the policy writes its restored LR into the groups.
         policy.load_state_dict(resume["policy"])
+        run.load_state_dict(resume.get("optimizer_run", {}))
+        # Population Based Training restores a donor's checkpoint under a perturbed config.
+        reapply_hyperparameters(cfg, resume.get("config", {}), policy, total_steps)
         order.set_state(resume["order_rng"])
         torch.set_rng_state(resume["torch_rng"])
         if device.type == "cuda" and resume.get("cuda_rng") is not None:
@@ -207,9 +290,10 @@ def _train(
     initial_val_loss = (
         resume["initial_val_loss"]
         if resume and "initial_val_loss" in resume
-        else evaluate(model, data.val)[0]
+        else evaluate_on(data.val)[0]
     )
     model.train()
+    run.train_mode()
     lr_trace: list[float] = []
     trace_start = first_trace = step + 1
     window_loss, window_n, window_samples = 0.0, 0, 0
@@ -236,16 +320,18 @@ def _train(
             if finite and cfg.clip_grad is not None:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 finite = bool(torch.isfinite(norm))
-            lr_trace.append(float(optimizer.param_groups[0]["lr"]))
             if finite:
                 # A non-finite loss or gradient never reaches the weights: skip the update.
                 optimizer.step()
+                run.after_step()
                 bad_run = 0
                 window_loss += loss_value
                 window_n += 1
             else:
                 skipped += 1
                 bad_run += 1
+            # After the step: anchors set their step size inside it.
+            lr_trace.append(run.step_size())
             t0 = time.perf_counter()
             policy.step(loss_value)
             policy_s += time.perf_counter() - t0
@@ -258,7 +344,7 @@ def _train(
         if not (at_end or diverged or step % cfg.report_every == 0):
             continue
 
-        val_loss, val_acc = evaluate(model, data.val)
+        val_loss, val_acc = evaluate_on(data.val)
         reason = ""
         if diverged:
             reason = (
@@ -288,7 +374,7 @@ def _train(
             "train_loss": window_loss / window_n if window_n else math.nan,
             "val_loss": val_loss,
             "val_acc": val_acc,
-            "lr": float(optimizer.param_groups[0]["lr"]),
+            "lr": run.step_size(),
             "samples_per_s": window_samples / elapsed if elapsed > 0 else math.nan,
             "wall_s": wall_s,
             "loop_s": loop_s_before + (time.perf_counter() - loop_t0),
@@ -309,7 +395,7 @@ def _train(
                 metrics["diverged_reason"] = f"{reason} at step {step} (lr {metrics['lr']:.3g})"
             metrics["best_val_acc"] = best_val_acc
             if data.test is not None:
-                metrics["test_loss"], metrics["test_acc"] = evaluate(model, data.test)
+                metrics["test_loss"], metrics["test_acc"] = evaluate_on(data.test)
         if trace_start == first_trace:
             # Once per process: where the data came from, and the caps it ran under.
             if data.notes:
@@ -326,6 +412,7 @@ def _train(
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "policy": policy.state_dict(),
+                        "optimizer_run": run.state_dict(),
                         "order_rng": order.get_state(),
                         "torch_rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,

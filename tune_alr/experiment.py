@@ -27,7 +27,7 @@ import pandas as pd
 from trainables import tasks as task_registry
 from trainables.config import TrialConfig
 
-from . import hardware, report, tracking
+from . import hardware, optimizers, report, tracking
 
 #: Storage URI schemes Ray Tune reaches through pyarrow.
 _STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")
@@ -56,8 +56,13 @@ class Arm:
     Args:
         label: the name in tables, plots and MLflow run names (no '/').
         policy: the policy (``tune_alr.policies.available()``).
-        optimizer, lr: override the experiment's (``None`` keeps them).
+        optimizer, lr: override the experiment's (``None`` keeps them). An anchor
+            optimizer (``tune_alr.optimizers.ANCHORS``) never takes the experiment's LR,
+            which is meant for PyTorch's optimizers: without ``lr`` it runs at its
+            published default.
         params: keyword arguments for the policy.
+        optimizer_params: keyword arguments for the optimizer (over the experiment's
+            ``trial["optimizer_params"]``), e.g. ``{"warmup_steps": 30}``.
     """
 
     label: str
@@ -65,6 +70,7 @@ class Arm:
     optimizer: str | None = None
     lr: float | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    optimizer_params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,9 @@ class Experiment:
     Args:
         name: the experiment's name (Ray Tune folder, MLflow experiment, output folder).
         tasks: task names (``trainables.tasks.available()``).
-        policies: policy names (``tune_alr.policies.available()``) or :class:`Arm` s.
+        policies: policy names (``tune_alr.policies.available()``), anchor optimizer
+            names (``tune_alr.optimizers.ANCHORS``, run at their published defaults) or
+            :class:`Arm` s.
         seeds: a number of seeds (0..n-1) or the seeds themselves. Seeds are paired:
             the same seed gives the same initial weights and data order for every policy.
         optimizer, lr, batch_size, epochs: override the task defaults (``None`` keeps them).
@@ -185,10 +193,17 @@ class Experiment:
 
     @property
     def arms(self) -> list[Arm]:
-        """The compared configurations, plain policy names turned into arms."""
+        """The compared configurations, plain names turned into arms.
+
+        A policy name is that policy on the experiment's optimizer and LR; an anchor
+        optimizer's name (``tune_alr.optimizers.ANCHORS``, e.g. ``"prodigy"``) is that
+        optimizer at its published defaults under the ``constant`` policy.
+        """
         return [
             p
             if isinstance(p, Arm)
+            else Arm(label=p, policy="constant", optimizer=p)
+            if p in optimizers.ANCHORS
             else Arm(label=p, policy=p, params=self.policy_params.get(p, {}))
             for p in self.policies
         ]
@@ -259,12 +274,20 @@ class Experiment:
 
     def arm_settings(self, arm: Arm) -> dict[str, Any]:
         """The TrialConfig fields an arm sets."""
+        optimizer = arm.optimizer or self.optimizer
+        lr = arm.lr
+        if lr is None and optimizer not in optimizers.ANCHORS:
+            lr = self.lr
         return {
             "label": arm.label,
             "policy": arm.policy,
-            "optimizer": arm.optimizer or self.optimizer,
-            "lr": arm.lr if arm.lr is not None else self.lr,
+            "optimizer": optimizer,
+            "lr": lr,
             "policy_params": dict(arm.params),
+            "optimizer_params": {
+                **dict(self.trial.get("optimizer_params") or {}),
+                **dict(arm.optimizer_params),
+            },
         }
 
     def task_settings(self, task: str) -> dict[str, Any]:
@@ -423,7 +446,7 @@ def param_space(exp: Experiment) -> dict[str, Any]:
         "seed": tune.grid_search(exp.seed_list),
     }
     # The grid varies task and arm labels; what each implies is filled in per trial.
-    for key in ("policy", "optimizer", "lr", "policy_params"):
+    for key in ("policy", "optimizer", "lr", "policy_params", "optimizer_params"):
         space[key] = tune.sample_from(_lookup(by_arm, "label", key))
     for key in ("task_params", "epochs", "budget"):
         space[key] = tune.sample_from(_lookup(by_task, "task", key))

@@ -133,6 +133,24 @@ class Policy(LRScheduler):
         self.__dict__.update({k: v for k, v in state_dict.items() if k not in _TRANSIENT})
         self._apply()
 
+    def rebase(self, base_lrs: list[float]) -> None:
+        """Give the groups new base LRs, keeping the policy's state (its factor included).
+
+        Used when a hyperparameter search changes the LR of a run in flight (Population
+        Based Training's exploit-and-perturb): the LR becomes the new base x the factor.
+        """
+        if len(base_lrs) != len(self.base_lrs):
+            raise ValueError(
+                f"rebase needs one LR per parameter group ({len(self.base_lrs)}), "
+                f"got {len(base_lrs)}."
+            )
+        for lr in base_lrs:
+            check_positive("base lr", lr)
+        self.base_lrs = [float(lr) for lr in base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, base_lrs, strict=True):
+            group["initial_lr"] = float(lr)
+        self._apply()
+
     def diagnostics(self) -> dict[str, float]:
         """The policy's state for logging (why the LR is where it is): ``factor`` and the
         attributes a subclass names in ``diagnostic_keys``, where they are finite numbers.
