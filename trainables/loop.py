@@ -15,8 +15,8 @@ The metrics of each report:
 * ``step``, ``epoch`` (fractional), ``train_loss`` (mean since the last report),
   ``val_loss``, ``val_acc``, ``lr`` (the step size of the last step: the group's LR, or
   for an anchor optimizer its own effective step size, see ``tune_alr.optimizers``),
-  ``samples_per_s`` (over the
-  window, evaluation included), ``wall_s`` (training wall time, summed over restarts),
+  ``samples_per_s`` (over the window, evaluation included), ``window_s`` (the window's
+  wall seconds), ``wall_s`` (training wall time, summed over restarts),
   ``loop_s`` (the loop's wall time so far, the earlier reports' cost included),
   ``skipped_steps`` (non-finite losses or gradients whose update was skipped);
 * ``lr_trace``: the LR (step size) applied at each optimizer step since the last report, and
@@ -34,7 +34,10 @@ The metrics of each report:
 * ``steps_to_target``, ``wall_s_to_target``: from the first report whose ``val_acc``
   reached ``target`` on, when a target is set (time to target at report granularity);
 * ``data_notes`` (the same reports, when the loader has any): where the data came from
-  and how it was cut.
+  and how it was cut;
+* ``reapplied``, ``restored_lr`` (the first report after a resume whose config differs
+  from the checkpoint's, as after a PBT exploit): the hyperparameters re-applied and the
+  step size the checkpoint held before (see :func:`reapply_hyperparameters`).
 """
 
 from __future__ import annotations
@@ -264,6 +267,8 @@ def _train(
     cpu_s_before = 0.0  # CPU seconds of earlier runs of this trial (restarts)
     loop_s_before = 0.0  # loop wall time of earlier runs
     reached: tuple[int, float] | None = None  # (step, wall_s) when val_acc first >= target
+    reapplied: list[str] = []  # hyperparameters a PBT exploit changed over the checkpoint
+    restored_lr = math.nan
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -271,7 +276,8 @@ def _train(
         policy.load_state_dict(resume["policy"])
         run.load_state_dict(resume.get("optimizer_run", {}))
         # Population Based Training restores a donor's checkpoint under a perturbed config.
-        reapply_hyperparameters(cfg, resume.get("config", {}), policy, total_steps)
+        restored_lr = run.step_size()
+        reapplied = reapply_hyperparameters(cfg, resume.get("config", {}), policy, total_steps)
         order.set_state(resume["order_rng"])
         torch.set_rng_state(resume["torch_rng"])
         if device.type == "cuda" and resume.get("cuda_rng") is not None:
@@ -377,6 +383,7 @@ def _train(
             "lr": run.step_size(),
             "samples_per_s": window_samples / elapsed if elapsed > 0 else math.nan,
             "wall_s": wall_s,
+            "window_s": elapsed,
             "loop_s": loop_s_before + (time.perf_counter() - loop_t0),
             "skipped_steps": skipped,
             "total_steps": total_steps,
@@ -401,6 +408,9 @@ def _train(
             if data.notes:
                 metrics["data_notes"] = "; ".join(data.notes)
             metrics.update(caps.metrics())
+            if reapplied:
+                metrics["reapplied"] = ",".join(reapplied)
+                metrics["restored_lr"] = restored_lr  # the step size the checkpoint held
         metrics["status"] = status
 
         # No checkpoint ever holds non-finite weights: a diverged run reports without one.

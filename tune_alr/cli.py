@@ -121,7 +121,9 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--limit-train", type=int, help="use at most N training rows")
     run.add_argument("--lr", type=float, help="initial LR (default: the task's)")
-    run.add_argument("--optimizer", help="sgd, adam, adamw or rmsprop (default: the task's)")
+    run.add_argument(
+        "--optimizer", help="sgd, adam, adamw, rmsprop or an anchor (default: the task's)"
+    )
     run.add_argument("--batch-size", type=int, help="(default: the task's)")
     run.add_argument("--report-every", type=int, help="steps between reports (task default)")
     run.add_argument(
@@ -138,6 +140,42 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="another trial setting, e.g. clip_grad=1.0 or limit_train=500 (repeatable)",
     )
+
+    ben = sub.add_parser(
+        "bench", help="policies vs a fixed-LR grid and the LR-free anchors, time to target"
+    )
+    ben.add_argument(
+        "--tasks", "--workloads", type=_names, default=["digits"],
+        help="workloads or tasks: digits, mnist (= mnist-anchor), ag_news (= agnews-anchor)",
+    )  # fmt: skip
+    ben.add_argument("--seeds", type=_seeds, default=5, help="paired seeds: a count or a list")
+    ben.add_argument("--policies", type=_names, help="policies under test (default: feedback,"
+                     "meta,hd,cyclic)")  # fmt: skip
+    ben.add_argument("--anchors", type=_names, help="anchor optimizers (default: all)")
+    ben.add_argument("--grid", type=_floats, help="Adam LRs of the grid (default: 1e-4..3e-2)")
+    ben.add_argument("--budget", type=float, help="fraction in (0, 1] scaling epochs and data")
+    ben.add_argument("--data-dir", help="local Parquet copies (default: $TUNE_ALR_DATA_DIR)")
+    ben.add_argument(
+        "--optuna",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also tune Adam's LR with OptunaSearch over K trials per workload",
+    )
+    ben.add_argument("--asha", action="store_true", help="prune the Optuna trials with ASHA")
+    ben.add_argument(
+        "--pbt",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also train a PBT population of N members per workload",
+    )
+    ben.add_argument("--name", default="bench", help="experiment name (default: bench)")
+    ben.add_argument("--output", help="summary folder (default: results/<name>)")
+    ben.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///./mlflow.db)")
+    ben.add_argument("--address", help="Ray cluster address (default: start Ray here)")
+    ben.add_argument("--max-concurrent", type=int, help="trials at once (default: as CPUs allow)")
+    ben.add_argument("--quiet", action="store_true", help="no Ray Tune progress table")
 
     rep = sub.add_parser("report", help="summarise a Ray Tune experiment folder again")
     rep.add_argument("directory", help="the experiment folder (e.g. results/demo/ray/demo)")
@@ -261,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_experiment(args, tasks=["digits"], policies=list(DEMO_POLICIES)))
         if args.command == "run":
             return _run(_experiment(args, **_run_fields(args)))
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "report":
             return _report(args)
         if args.command == "resume":
@@ -282,6 +322,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tune-alr: error: {err}", file=sys.stderr)
         return 2
     return 2
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .bench_report import COMPARISON_HEAD, TABLE_HEAD, comparison_rows, table_rows
+
+    fields: dict[str, Any] = {
+        "tasks": args.tasks, "seeds": args.seeds, "budget": args.budget,
+        "data_dir": args.data_dir, "name": args.name, "output": args.output,
+        "tracking_uri": args.tracking_uri, "address": args.address,
+        "max_concurrent": args.max_concurrent, "verbose": 0 if args.quiet else 1,
+        "optuna": args.optuna, "asha": args.asha, "pbt": args.pbt,
+    }  # fmt: skip
+    for key in ("policies", "anchors", "grid"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    outcome = bench.run(bench.Bench(**fields))
+    for task, (target, best) in sorted(outcome.targets.items()):
+        print(f"\n{task}: target {100 * target:.2f}% (median best val acc of {best})")
+        print(_plain_table(TABLE_HEAD, table_rows(outcome.table, task)))
+        rows = comparison_rows(outcome.comparisons, task)
+        if rows:
+            print(_plain_table(COMPARISON_HEAD, rows))
+    print(f"\nReport: {outcome.files['report.html'].resolve()}")
+    return 0
+
+
+def _plain_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(head)]  # fmt: skip
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -330,11 +412,15 @@ def _ui(args: argparse.Namespace) -> int:
 def _list() -> int:
     from trainables import tasks
 
-    from . import hardware
+    from . import bench, hardware, optimizers
     from .policies import available
 
     print("tasks:   ", ", ".join(tasks.available()))
     print("policies:", ", ".join(available()))
+    anchors = [a if optimizers.is_installed(a) else f"{a} (not installed)"
+               for a in optimizers.ANCHORS]  # fmt: skip
+    print("anchors: ", ", ".join(anchors), "(optimizers; extra 'anchors')")
+    print("bench workloads:", ", ".join(bench.WORKLOADS))
     print("profiles:")
     for name in hardware.available():
         p = hardware.PROFILES[name]

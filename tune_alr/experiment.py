@@ -91,6 +91,8 @@ class Experiment:
             ``None``: the task's default.
         policy_params: per policy name, keyword arguments for ``policies.build``.
         task_params: per task name, the task's options (e.g. ``{"imdb": {"layers": 2}}``).
+        task_trial: per task name, trial settings for that task only, over ``trial``
+            (e.g. ``{"mnist": {"limit_train": 10000, "threads": 1}}``).
         budget: a fraction in (0, 1] that scales epochs and the data (training rows,
             and validation and test rows down to floors): compute scales about as its
             square. ``None`` runs the full settings.
@@ -133,6 +135,7 @@ class Experiment:
     report_every: int | None = None
     policy_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     task_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    task_trial: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     budget: float | None = None
     target: float | None = None
     trial: Mapping[str, Any] = field(default_factory=dict)
@@ -293,12 +296,20 @@ class Experiment:
     def task_settings(self, task: str) -> dict[str, Any]:
         """The TrialConfig fields that depend on the task: its options and the budget."""
         out: dict[str, Any] = {"task": task, "task_params": dict(self.task_params.get(task, {}))}
+        # Every key any task overrides is set for all tasks: a lookup that found nothing
+        # would replace the shared value with the task's default.
+        for key in sorted({k for t in self.task_trial.values() for k in t}):
+            out[key] = self.task_trial.get(task, {}).get(key, self.trial.get(key))
         if self.budget is not None:
-            epochs = self.epochs or task_registry.get(task).defaults.get("epochs", 1)
+            epochs = (
+                out.get("epochs")
+                or self.epochs
+                or task_registry.get(task).defaults.get("epochs", 1)
+            )
             out["epochs"] = max(1, round(epochs * self.budget))
             out["budget"] = self.budget
         else:
-            out["epochs"] = self.epochs
+            out["epochs"] = out.get("epochs") or self.epochs
         return out
 
     def trial_configs(self) -> list[TrialConfig]:
@@ -310,9 +321,14 @@ class Experiment:
             raise ValueError(
                 f"policy_params given for {unknown}, which are not in the policies {sorted(names)}."
             )
-        unknown = sorted(set(self.task_params) - set(self.tasks))
-        if unknown:
-            raise ValueError(f"task_params given for {unknown}, which are not in tasks.")
+        for label, table in (("task_params", self.task_params), ("task_trial", self.task_trial)):
+            unknown = sorted(set(table) - set(self.tasks))
+            if unknown:
+                raise ValueError(f"{label} given for {unknown}, which are not in tasks.")
+        for task, settings in self.task_trial.items():
+            clash = sorted(set(settings) & {*_GRID_KEYS, "task_params"})
+            if clash:
+                raise ValueError(f"task_trial[{task!r}] sets {clash}, which the grid sets.")
         if self.budget is not None and not (
             isinstance(self.budget, (int, float)) and 0 < self.budget <= 1
         ):
@@ -448,7 +464,7 @@ def param_space(exp: Experiment) -> dict[str, Any]:
     # The grid varies task and arm labels; what each implies is filled in per trial.
     for key in ("policy", "optimizer", "lr", "policy_params", "optimizer_params"):
         space[key] = tune.sample_from(_lookup(by_arm, "label", key))
-    for key in ("task_params", "epochs", "budget"):
+    for key in sorted({k for settings in by_task.values() for k in settings} - {"task"}):
         space[key] = tune.sample_from(_lookup(by_task, "task", key))
     return space
 

@@ -7,6 +7,7 @@ never reaches the target took infinitely long:
 * :func:`paired_test`: the Wilcoxon signed-rank test on log time to target. A miss is
   ranked above every hit by standing in as ``MISS_FACTOR`` x the slowest hit of the
   comparison (ranks, not the value, matter); pairs where both missed are ties.
+* :func:`accuracy_test`: the Wilcoxon signed-rank test on paired final accuracies.
 * :func:`holm`: Holm's step-down correction across a family of comparisons.
 * :func:`speedup_ci`: the median speed-up (baseline time / policy time per pair; a
   policy hit against a baseline miss is ``inf``, the reverse ``0``) and its 95%
@@ -112,44 +113,75 @@ def compare(trials: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
 
     ``trials`` is ``report.trials_frame`` (columns task, policy, seed,
     steps_to_target, wall_s_to_target; a miss is ``inf``). ``baseline`` defaults to
-    ``constant`` when present, else the first policy. Returns one row per (task,
-    policy) with the number of pairs, the median speed-up in steps and in wall
-    seconds with 95% bootstrap intervals, and the Wilcoxon p-values (raw and Holm).
+    ``constant`` when present, else the first policy. See :func:`compare_pairs` for
+    the columns.
     """
     policies = sorted(trials["policy"].unique())
     if baseline is None:
         baseline = "constant" if "constant" in policies else policies[0]
     if baseline not in policies:
         raise ValueError(f"baseline {baseline!r} is not among the policies {policies}.")
-    rows = []
+    pairs = []
     for task, group in trials.groupby("task", sort=True):
-        wide = group.pivot_table(
-            index="seed", columns="policy", values=["steps_to_target", "wall_s_to_target"],
-            aggfunc="first",
-        )  # fmt: skip
-        for policy in sorted(group["policy"].unique()):
-            if policy == baseline or baseline not in group["policy"].values:
-                continue
-            row: dict[str, object] = {"task": task, "policy": policy, "baseline": baseline}
-            for measure, label in (("steps_to_target", "steps"), ("wall_s_to_target", "wall")):
-                pair = wide[measure][[policy, baseline]].dropna()
-                a, b = pair[policy].tolist(), pair[baseline].tolist()
-                test = paired_test(a, b)
-                median, low, high = speedup_ci(a, b)
-                row.update(
-                    {
-                        "pairs": len(pair),
-                        f"{label}_speedup": median,
-                        f"{label}_ci_low": low,
-                        f"{label}_ci_high": high,
-                        f"{label}_p": test.p_value,
-                    }
-                )
-            rows.append(row)
+        present = set(group["policy"])
+        if baseline in present:
+            pairs += [(str(task), p, baseline) for p in sorted(present) if p != baseline]
+    return compare_pairs(trials, pairs)
+
+
+def accuracy_test(policy: Sequence[float], baseline: Sequence[float]) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired final accuracies (1.0: no difference)."""
+    a, b = np.asarray(policy, dtype=float), np.asarray(baseline, dtype=float)
+    keep = np.isfinite(a) & np.isfinite(b)
+    diff = a[keep] - b[keep]
+    if not np.any(diff != 0):
+        return 1.0
+    return float(stats.wilcoxon(diff, zero_method="wilcox").pvalue)
+
+
+def compare_pairs(trials: pd.DataFrame, pairs: Sequence[tuple[str, str, str]]) -> pd.DataFrame:
+    """The comparisons ``(task, policy, baseline)`` on paired seeds; Holm across all rows.
+
+    Returns one row per pair with the number of paired seeds, the median speed-up in
+    steps and in wall seconds to target with 95% bootstrap intervals, the Wilcoxon
+    p-values on log time to target (``steps_p``, ``wall_p``) and on final validation
+    accuracy (``acc_p``, with ``acc_diff``, the median paired difference), and each
+    p-value Holm-corrected across all rows (``*_p_holm``).
+    """
+    rows = []
+    values = ["steps_to_target", "wall_s_to_target"]
+    if "val_acc" in trials.columns:
+        values.append("val_acc")
+    for task, policy, baseline in pairs:
+        group = trials[trials["task"] == task]
+        wide = group.pivot_table(index="seed", columns="policy", values=values, aggfunc="first")
+        row: dict[str, object] = {"task": task, "policy": policy, "baseline": baseline}
+        for measure, label in (("steps_to_target", "steps"), ("wall_s_to_target", "wall")):
+            pair = wide[measure][[policy, baseline]].dropna()
+            a, b = pair[policy].tolist(), pair[baseline].tolist()
+            test = paired_test(a, b)
+            median, low, high = speedup_ci(a, b)
+            row.update(
+                {
+                    "pairs": len(pair),
+                    f"{label}_speedup": median,
+                    f"{label}_ci_low": low,
+                    f"{label}_ci_high": high,
+                    f"{label}_p": test.p_value,
+                }
+            )
+        if "val_acc" in values:
+            acc = wide["val_acc"][[policy, baseline]].dropna()
+            row["acc_diff"] = (
+                float(np.median(acc[policy] - acc[baseline])) if len(acc) else math.nan
+            )
+            row["acc_p"] = accuracy_test(acc[policy].tolist(), acc[baseline].tolist())
+        rows.append(row)
     out = pd.DataFrame(rows)
     if not out.empty:
-        for label in ("steps", "wall"):
-            out[f"{label}_p_holm"] = holm(out[f"{label}_p"].tolist())
+        for label in ("steps", "wall", "acc"):
+            if f"{label}_p" in out.columns:
+                out[f"{label}_p_holm"] = holm(out[f"{label}_p"].tolist())
     return out
 
 
@@ -180,7 +212,9 @@ def performance_profile(
 __all__ = [
     "MISS_FACTOR",
     "PairedTest",
+    "accuracy_test",
     "compare",
+    "compare_pairs",
     "holm",
     "paired_test",
     "performance_profile",

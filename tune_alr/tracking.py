@@ -147,6 +147,14 @@ def reopen_parent(handle: Handle) -> None:
     _client(handle.tracking_uri).update_run(handle.parent_run_id, status="RUNNING")
 
 
+def log_artifacts(uri: str, run_id: str, artifacts: Iterable[Path]) -> None:
+    """Attach files to a run (finished or not)."""
+    client = _client(uri)
+    for path in artifacts:
+        if Path(path).is_file():
+            client.log_artifact(run_id, str(path))
+
+
 def finish_parent(handle: Handle, status: str, artifacts: Iterable[Path] = ()) -> None:
     """Attach the experiment's summary files to the parent run and end it."""
     client = _client(handle.tracking_uri)
