@@ -207,6 +207,7 @@ class Bench:
                     max_concurrent=self.max_concurrent,
                     verbose=self.verbose,
                     asha=self.asha,
+                    address=self.address,
                 )
             )
         for search in out:

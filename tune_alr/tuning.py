@@ -52,7 +52,8 @@ class Search:
         seed: the trials' model and data seed, and the searcher's.
         asha: prune Optuna trials with ASHA on validation accuracy.
         metric: what is maximised (a reported metric).
-        name, output, tracking_uri, max_concurrent, verbose: as for ``Experiment``.
+        name, output, tracking_uri, max_concurrent, verbose, address: as for
+            ``Experiment``.
     """
 
     task: str = "digits"
@@ -69,6 +70,7 @@ class Search:
     tracking_uri: str | None = None
     max_concurrent: int | None = None
     verbose: int = 1
+    address: str | None = None
 
     def base_config(self) -> dict[str, Any]:
         """The trial settings every trial shares, validated (``ValueError``)."""
@@ -123,7 +125,7 @@ def _run(search: Search, method: str, space: dict[str, Any], tune_config: Any) -
     )
     started = not ray.is_initialized()
     if started:
-        ray.init(include_dashboard=False, configure_logging=False)
+        ray.init(address=search.address, include_dashboard=False, configure_logging=False)
     status = "FAILED"
     try:
         storage = (search.output_dir / "ray").resolve()
