@@ -71,29 +71,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 EVAL_BATCH = 512
 
 
-def make_optimizer(
-    name: str, params: Any, lr: float, extra: Mapping[str, Any]
-) -> torch.optim.Optimizer:
-    """The PyTorch optimizer ``name`` (sgd, adam, adamw, rmsprop) at ``lr``, with ``extra``.
-
-    Anchors (Schedule-Free, Prodigy, ...) need their hooks: use ``optimizers.build``.
-    """
-    if name not in optimizers.BUILTIN:
-        raise ValueError(
-            f"make_optimizer builds PyTorch's optimizers ({', '.join(optimizers.BUILTIN)}); "
-            f"got {name!r}: use tune_alr.optimizers.build for the anchors."
-        )
-    cls = optimizers.spec(name)
-    optimizer_class = getattr(torch.optim, cls.cls)
-    try:
-        optimizer: torch.optim.Optimizer = optimizer_class(params, lr=lr, **extra)
-    except TypeError as err:
-        raise ValueError(
-            f"optimizer {name!r} rejected its parameters {dict(extra)}: {err}"
-        ) from err
-    return optimizer
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode, restored after)."""
