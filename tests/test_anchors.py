@@ -135,6 +135,8 @@ def test_unknown_optimizer_and_missing_package_are_clear_errors(
 ) -> None:
     with pytest.raises(ValueError, match=r"unknown optimizer 'adamm'; accepted: sgd, .*prodigy"):
         TrialConfig.from_dict(_config("adamm"))
+    with pytest.raises(ValueError, match=r"unknown policy 'prodigyy'.*anchor optimizers: sf-adamw"):
+        Experiment(name="a", policies=["constant", "prodigyy"]).validate()
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # import now fails
     with pytest.raises(ValueError, match=r"needs the package 'prodigyopt'.*tune-alr\[anchors\]"):
         TrialConfig.from_dict(_config("prodigy"))

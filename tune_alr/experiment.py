@@ -333,6 +333,14 @@ class Experiment:
             isinstance(self.budget, (int, float)) and 0 < self.budget <= 1
         ):
             raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget!r}.")
+        from .policies import available
+
+        for name in self.policies:
+            if isinstance(name, str) and name not in available() and name not in optimizers.ANCHORS:
+                raise ValueError(
+                    f"unknown policy {name!r}; policies: {', '.join(available())}; anchor "
+                    f"optimizers: {', '.join(optimizers.ANCHORS)}."
+                )
         labels = [a.label for a in self.arms]
         if len(set(labels)) != len(labels):
             raise ValueError(f"arm labels must be unique, got {labels}.")
