@@ -168,6 +168,8 @@ def test_cli_list(capsys) -> None:
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
     assert "digits" in out and "feedback" in out
+    assert "anchors:  sf-adamw, sf-sgd, prodigy, dadapt-adam, dog" in out
+    assert "bench workloads: digits, mnist-anchor, agnews-anchor" in out
 
 
 def test_a_storage_uri_is_handed_to_ray_and_copied_back(ray_session: None, tmp_path: Path) -> None:
