@@ -172,6 +172,21 @@ def test_cli_list(capsys) -> None:
     assert "bench workloads: digits, mnist-anchor, agnews-anchor" in out
 
 
+def test_a_second_run_under_the_same_name_reports_only_its_own_trials(
+    ray_session: None, tmp_path: Path
+) -> None:
+    """Ray Tune keeps both runs' trials in one folder; each run's tables hold its own."""
+    exp = Experiment(name="twice", policies=["constant"], seeds=1, max_steps=10,
+                     output=tmp_path / "out", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                     verbose=0)  # fmt: skip
+    first = tune_alr.run(exp)
+    second = tune_alr.run(exp)
+    assert len(list(second.experiment_dir.glob("*/params.json"))) == 2  # both are on disk
+    assert len(first.records) == len(second.records) == 1
+    assert first.records[0].trial_id != second.records[0].trial_id
+    assert second.summary()["seeds"].tolist() == [1]
+
+
 def test_a_storage_uri_is_handed_to_ray_and_copied_back(ray_session: None, tmp_path: Path) -> None:
     """``file://`` takes the same path as ``s3://`` or ``gs://``: through pyarrow."""
     store = tmp_path / "bucket"

@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
@@ -535,7 +535,7 @@ def run(exp: Experiment) -> Results:
         _write_spec(exp, handle)
         with tracking.system_metrics(handle):
             grid = build_tuner(exp, handle).fit()
-        results = collect(exp, _local_copy(exp, grid.experiment_path), handle)
+        results = collect(exp, _local_copy(exp, grid.experiment_path), handle, trial_folders(grid))
         status = "FINISHED"
         return results
     finally:
@@ -640,7 +640,7 @@ def resume(path: str | os.PathLike[str]) -> Results:
         )
         with tracking.system_metrics(handle):
             grid = tuner.fit()
-        results = collect(exp, _local_copy(exp, grid.experiment_path), handle)
+        results = collect(exp, _local_copy(exp, grid.experiment_path), handle, trial_folders(grid))
         status = "FINISHED"
         return results
     finally:
@@ -725,9 +725,19 @@ def _local_copy(exp: Experiment, experiment_path: str) -> Path:
     return local
 
 
-def collect(exp: Experiment, experiment_dir: Path, handle: tracking.Handle | None) -> Results:
-    """Read the experiment folder and write the summary files."""
-    records = report.load_trials(experiment_dir)
+def trial_folders(grid: Any) -> set[str]:
+    """The trial folder names of a Ray Tune ``ResultGrid`` (this run's trials only)."""
+    return {PurePosixPath(str(result.path)).name for result in grid}
+
+
+def collect(
+    exp: Experiment,
+    experiment_dir: Path,
+    handle: tracking.Handle | None,
+    only: set[str] | None = None,
+) -> Results:
+    """Read the experiment folder (``only`` these trial folders) and write the summaries."""
+    records = report.load_trials(experiment_dir, only)
     files = report.write_outputs(records, exp.output_dir, title=exp.name)
     return Results(
         experiment=exp,

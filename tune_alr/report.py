@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,14 +119,23 @@ def _read_json_lines(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_trials(experiment_dir: str | Path) -> list[TrialRecord]:
-    """Every trial folder (one holding ``params.json``) under ``experiment_dir``."""
+def load_trials(
+    experiment_dir: str | Path, only: Collection[str] | None = None
+) -> list[TrialRecord]:
+    """Every trial folder (one holding ``params.json``) under ``experiment_dir``.
+
+    ``only``: the trial folder names to read. Ray Tune puts a second run under the same
+    experiment name into the same folder, beside the first run's trials; a run reads
+    just its own (``Result.path`` of its ``ResultGrid``).
+    """
     root = Path(experiment_dir)
     if not root.is_dir():
         raise ValueError(f"experiment folder {str(root)!r} does not exist.")
     records = []
     for params in sorted(root.glob("*/params.json")):
         folder = params.parent
+        if only is not None and folder.name not in only:
+            continue
         error_file = folder / "error.txt"
         records.append(
             TrialRecord(

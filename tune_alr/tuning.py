@@ -92,6 +92,10 @@ class Search:
         del config["lr"]
         return config
 
+    def run_name(self, method: str) -> str:
+        """The Ray Tune folder and MLflow parent run of one search: one per task and method."""
+        return f"{self.name}-{self.task}-{method}"
+
     @property
     def output_dir(self) -> Path:
         return Path(self.output) if self.output is not None else Path("results") / self.name
@@ -117,10 +121,12 @@ def _run(search: Search, method: str, space: dict[str, Any], tune_config: Any) -
 
     import trainables
 
+    from .experiment import trial_folders
+
     handle = tracking.prepare(
         search.tracking_uri or tracking.default_tracking_uri(),
         experiment=search.name,
-        run_name=f"{search.name}-{method}",
+        run_name=search.run_name(method),
         tags={"tune_alr.tasks": search.task, "tune_alr.arms": method},
     )
     started = not ray.is_initialized()
@@ -134,7 +140,7 @@ def _run(search: Search, method: str, space: dict[str, Any], tune_config: Any) -
             param_space=space,
             tune_config=tune_config,
             run_config=tune.RunConfig(
-                name=f"{search.name}-{method}",
+                name=search.run_name(method),
                 storage_path=str(storage),
                 # PBT restores members from their latest checkpoints: keep a few.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
@@ -142,9 +148,9 @@ def _run(search: Search, method: str, space: dict[str, Any], tune_config: Any) -
                 verbose=search.verbose,
             ),
         )
-        tuner.fit()
-        experiment_dir = storage / f"{search.name}-{method}"
-        records = report.load_trials(experiment_dir)
+        grid = tuner.fit()
+        experiment_dir = storage / search.run_name(method)
+        records = report.load_trials(experiment_dir, trial_folders(grid))
         status = "FINISHED"
     finally:
         tracking.finish_parent(handle, status)
