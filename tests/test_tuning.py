@@ -101,8 +101,9 @@ def test_pbt_exploits_continue_with_the_donors_state_and_the_perturbed_lr(
             assert row["lr_trace"][0] == pytest.approx(donor["lr"] * new_lr / old_lr)
             checked += 1
     assert checked >= 1
+    # the cost is every recorded report window, however members jumped between checkpoints
     assert found.cost_steps == sum(len(r["lr_trace"]) for rs in results.values() for r in rs)
-    assert found.cost_steps >= 2 * 60  # every member's own steps are counted
+    assert found.cost_s == pytest.approx(sum(r["window_s"] for rs in results.values() for r in rs))
 
 
 @pytest.mark.slow

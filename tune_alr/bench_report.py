@@ -25,7 +25,9 @@ SIGNIFICANT = 0.05
 
 
 def _pct(mean: float, std: float) -> str:
-    return "-" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+    if math.isnan(mean):
+        return "-"
+    return f"{100 * mean:.2f}" if math.isnan(std) else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def _median(value: float, hits: int, seeds: int, spec: str) -> str:
