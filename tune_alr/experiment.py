@@ -533,9 +533,7 @@ def run(exp: Experiment) -> Results:
     try:
         check_fits(resources, ray.cluster_resources(), strict=started_ray and not exp.address)
         _write_spec(exp, handle)
-        with tracking.system_metrics(handle):
-            grid = build_tuner(exp, handle).fit()
-        results = collect(exp, _local_copy(exp, grid.experiment_path), handle, trial_folders(grid))
+        results = _fit(exp, build_tuner(exp, handle), handle)
         status = "FINISHED"
         return results
     finally:
@@ -638,15 +636,20 @@ def resume(path: str | os.PathLike[str]) -> Results:
             resume_unfinished=True,
             resume_errored=True,
         )
-        with tracking.system_metrics(handle):
-            grid = tuner.fit()
-        results = collect(exp, _local_copy(exp, grid.experiment_path), handle, trial_folders(grid))
+        results = _fit(exp, tuner, handle)
         status = "FINISHED"
         return results
     finally:
         _close_parent(handle, status, exp.output_dir)
         if started_ray:
             ray.shutdown()
+
+
+def _fit(exp: Experiment, tuner: Any, handle: tracking.Handle | None) -> Results:
+    """Run ``tuner`` (the driver's system metrics logged meanwhile) and collect its trials."""
+    with tracking.system_metrics(handle):
+        grid = tuner.fit()
+    return collect(exp, _local_copy(exp, grid.experiment_path), handle, trial_folders(grid))
 
 
 def _init_ray(exp: Experiment) -> bool:
