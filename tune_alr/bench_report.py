@@ -15,13 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .report import _pyplot
+from .report import _num, _p, _pyplot, _speedup
 
 if TYPE_CHECKING:
     from .bench import Bench
     from .experiment import Results
-
-SIGNIFICANT = 0.05
 
 
 def _pct(mean: float, std: float) -> str:
@@ -36,29 +34,12 @@ def _median(value: float, hits: int, seeds: int, spec: str) -> str:
     return f"{value:{spec}} ({hits}/{seeds})"
 
 
-def _num(value: float, spec: str) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:{spec}}"
-
-
-def _p(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.3g}{' *' if value < SIGNIFICANT else ''}"
-
-
 def _pp(row: Any, label: str) -> str:
     """The raw p-value and the Holm-corrected one (the mark goes by the corrected)."""
     raw = row[f"{label}_p"]
     if raw is None or math.isnan(raw):
         return "-"
     return f"{raw:.3g} / {_p(row[f'{label}_p_holm'])}"
-
-
-def _speedup(row: Any, label: str) -> str:
-    median = row[f"{label}_speedup"]
-    if median is None or math.isnan(median):
-        return "-"
-    return f"{median:.2f} [{row[f'{label}_ci_low']:.2f}, {row[f'{label}_ci_high']:.2f}]"
 
 
 def table_rows(table: pd.DataFrame, task: str) -> list[list[str]]:

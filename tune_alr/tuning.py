@@ -40,6 +40,7 @@ import pandas as pd
 from trainables.config import TrialConfig
 
 from . import report, tracking
+from .policies.base import check_int
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,7 @@ class Search:
             raise ValueError(f"lr_range must be two numbers, got {self.lr_range!r}.")
         if not 0 < low < high:
             raise ValueError(f"lr_range must be 0 < low < high, got {self.lr_range!r}.")
-        if (
-            isinstance(self.num_samples, bool)
-            or not isinstance(self.num_samples, int)
-            or (self.num_samples < 2)
-        ):
-            raise ValueError(f"num_samples must be an integer >= 2, got {self.num_samples!r}.")
+        check_int("num_samples", self.num_samples, minimum=2)
         config = {**dict(self.trial), "task": self.task, "policy": self.policy,
                   "optimizer": self.optimizer, "seed": self.seed, "lr": low,
                   "label": f"{self.policy}-tuned"}  # fmt: skip
@@ -257,8 +253,7 @@ def population(
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"interval must be an integer >= 1 (reports), got {interval!r}.")
+    check_int("interval", interval, minimum=1)  # in reports
     if not 0 < quantile <= 0.5:
         raise ValueError(f"quantile must be in (0, 0.5], got {quantile!r}.")
     base = search.base_config()
