@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,250 @@ def test_bad_arguments(name: str, params: dict, fragment: str) -> None:
     with pytest.raises(ValueError) as err:
         build(name, optimizer, **params)
     assert fragment in str(err.value)
+
+
+# -- hd's default beta: by the kind of optimizer --------------------------------------
+
+ADAPTIVE, SGD_LIKE = 1e-7, 1e-3  # Adam-HD and SGD-HD's published beta
+
+
+@pytest.mark.parametrize(
+    ("module", "cls", "expected"),
+    [
+        ("torch.optim", "SGD", SGD_LIKE),
+        ("torch.optim", "Adam", ADAPTIVE),
+        ("torch.optim", "AdamW", ADAPTIVE),
+        ("torch.optim", "RMSprop", ADAPTIVE),
+        ("torch.optim", "Adagrad", ADAPTIVE),
+        ("torch.optim", "Adadelta", ADAPTIVE),
+        ("torch.optim", "Adamax", ADAPTIVE),
+        ("torch.optim", "NAdam", ADAPTIVE),
+        ("torch.optim", "RAdam", ADAPTIVE),
+        ("torch.optim", "SparseAdam", ADAPTIVE),
+        # the anchors: classified by their param groups, never imported by the policies
+        ("prodigyopt", "Prodigy", ADAPTIVE),
+        ("dadaptation", "DAdaptAdam", ADAPTIVE),
+        ("dadaptation", "DAdaptSGD", SGD_LIKE),
+        ("schedulefree", "AdamWScheduleFree", ADAPTIVE),
+        ("schedulefree", "SGDScheduleFree", SGD_LIKE),
+        ("dog", "DoG", SGD_LIKE),
+    ],
+)
+def test_hd_default_beta_by_the_kind_of_optimizer(module: str, cls: str, expected: float) -> None:
+    optimizer_cls = getattr(pytest.importorskip(module), cls)
+    optimizer = optimizer_cls([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert build("hd", optimizer).beta == expected
+    from tune_alr.policies.hd import default_beta
+
+    assert default_beta(optimizer) == expected
+
+
+def test_hd_explicit_beta_wins_over_the_default() -> None:
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert build("hd", optimizer, beta=1e-4).beta == 1e-4
+
+
+# -- meta without a loss ----------------------------------------------------------------
+
+
+def _meta_trace(losses: list[float | None], **params: float) -> tuple[list[float], object]:
+    """Meta on SGD on an ill-conditioned quadratic; ``losses`` are what step() is given."""
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    curvature = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64)
+    optimizer = torch.optim.SGD([theta], lr=0.3)
+    policy = build("meta", optimizer, **params)
+    trace = []
+    for loss in losses:
+        optimizer.zero_grad()
+        (0.5 * curvature * theta**2).sum().backward()
+        optimizer.step()
+        policy.step(loss)
+        trace.append(policy.get_last_lr()[0])
+    return trace, policy
+
+
+def test_meta_without_a_loss_is_not_divergence() -> None:
+    """``step()`` with no loss used to trip the guard: five calls left the LR at 1/32."""
+    trace, policy = _meta_trace([None] * 5)
+    assert policy.guard_trips == 0
+    assert trace[:2] == [0.3, 0.3]  # nothing graded yet: the controller's output is 0
+    # then the controller's first Adam steps (at meta_lr 1e-4) move it a hair, not x1/32
+    assert trace == pytest.approx([0.3] * 5, rel=1e-3)
+
+
+def test_meta_without_a_loss_keeps_learning_from_the_alignment() -> None:
+    """No loss: the same decisions as a loss that sits exactly at its averages.
+
+    A constant loss of 1.0 leaves both loss EMAs at 1.0 (a fixed point, exactly), so the
+    loss trend is 0 throughout, as it is when no loss is ever given; every other feature
+    comes from the gradient and the update. The two LR traces are then the same, bit
+    for bit, and move: the controller kept learning from the alignment.
+    """
+    steps = 30
+    without, policy = _meta_trace([None] * steps, meta_lr=1e-2)
+    with_loss, reference = _meta_trace([1.0] * steps, meta_lr=1e-2)
+    assert without == with_loss
+    assert len(set(without)) > 10
+    assert policy.guard_trips == 0
+    assert policy.meta_steps == reference.meta_steps == steps - 2
+    assert policy.loss_fast is None and policy.loss_slow is None  # never saw a loss
+
+
+def test_meta_without_a_loss_holds_the_loss_features() -> None:
+    _, policy = _meta_trace([3.0, 2.0, 1.5])
+    held = (policy.loss_fast, policy.loss_slow, policy.features[1])
+    meta_steps = policy.meta_steps
+    for k in range(4):
+        policy.optimizer.step()  # the gradient of the last step, again
+        policy.step()
+        assert (policy.loss_fast, policy.loss_slow, policy.features[1]) == held
+        assert policy.meta_steps == meta_steps + k + 1  # still learning
+    assert held[2] < 0  # the trend the loss had (falling) is the one held
+    assert policy.guard_trips == 0
+
+
+def test_meta_without_a_loss_still_trips_on_a_non_finite_gradient() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([p], lr=0.1)
+    policy = build("meta", optimizer)
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    optimizer.step()
+    policy.step()
+    assert policy.get_last_lr() == [pytest.approx(0.05)] and policy.guard_trips == 1
+
+
+# -- the parameter copies follow the parameters' device and dtype ---------------------
+
+
+def _data(device: str | torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(4, 1, generator=g, dtype=torch.float64) + 0.1
+    return x.to(device, dtype), y.to(device, dtype)
+
+
+def _train(model, optimizer, policy, start: int, steps: int) -> list[float]:
+    p = next(model.parameters())
+    x, y = _data(p.device, p.dtype)
+    trace = []
+    for k in range(start, start + steps):
+        idx = torch.arange(k * 8, k * 8 + 8) % 64
+        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        policy.step(loss.item())
+        trace.append(policy.get_last_lr()[0])
+    return trace
+
+
+def _through_a_checkpoint(state: dict) -> dict:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, map_location="cpu", weights_only=False)  # as a restart does
+
+
+POLICIES_WITH_COPIES = [("hd", {}), ("meta", {"meta_lr": 1e-2})]
+
+
+def _moved_mid_run(name: str, params: dict, convert, steps: int = 12):
+    """The parameters change device/dtype after ``steps`` steps: an unbroken run (the
+    model converted in place, same optimizer and policy) and a restart (checkpoint,
+    fresh model converted, fresh optimizer and policy, state loaded). Both traces after
+    the change, and both policies."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    # Plain SGD: no optimizer state of its own to convert, the policy's is under test.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    policy = build(name, optimizer, **params)
+    _train(model, optimizer, policy, 0, steps)
+    checkpoint = _through_a_checkpoint({"model": model.state_dict(), "policy": policy.state_dict()})
+    convert(model)
+    unbroken = _train(model, optimizer, policy, steps, steps)
+
+    fresh = torch.nn.Linear(4, 1)
+    fresh.load_state_dict(checkpoint["model"])
+    convert(fresh)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.05)
+    restored = build(name, fresh_optimizer, **params)
+    restored.load_state_dict(checkpoint["policy"])
+    for buffer in (*restored.previous, *restored.update):
+        p = next(fresh.parameters())
+        assert (buffer.device, buffer.dtype) == (p.device, p.dtype)
+    resumed = _train(fresh, fresh_optimizer, restored, steps, steps)
+    # The loaded buffers are the policy's own, not views of the checkpoint's tensors.
+    assert all(
+        a.data_ptr() != b.data_ptr()
+        for a, b in zip(restored.previous, checkpoint["policy"]["previous"], strict=True)
+    )
+    return unbroken, resumed, policy, restored
+
+
+def _assert_buffers_follow(policy, device: torch.device, dtype: torch.dtype) -> None:
+    buffers = [*policy.previous, *policy.update]
+    assert buffers and all((b.device, b.dtype) == (device, dtype) for b in buffers)
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (torch.float32, torch.float64),  # model.double()
+        (torch.float64, torch.float32),
+        (torch.float32, torch.float16),  # model.half()
+        (torch.float32, torch.bfloat16),
+    ],
+)
+@pytest.mark.parametrize(("name", "params"), POLICIES_WITH_COPIES)
+def test_policy_copies_follow_a_dtype_change(
+    name: str, params: dict, before: torch.dtype, after: torch.dtype
+) -> None:
+    """A run restarted in another dtype: loads, steps, continues the unbroken LR sequence."""
+    torch.set_default_dtype(before)
+    try:
+        unbroken, resumed, policy, restored = _moved_mid_run(
+            name, params, lambda model: model.to(after)
+        )
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert resumed == unbroken  # bit for bit
+    assert len(set(resumed)) > 1  # and the LR moves
+    _assert_buffers_follow(policy, torch.device("cpu"), after)
+    _assert_buffers_follow(restored, torch.device("cpu"), after)
+
+
+@pytest.mark.parametrize(("name", "params"), POLICIES_WITH_COPIES)
+def test_policy_copies_follow_a_dtype_change_after_construction(name: str, params: dict) -> None:
+    """``model.double()`` between building the policy and the first step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    policy = build(name, optimizer, **params)
+    model.double()
+    trace = _train(model, optimizer, policy, 0, 5)
+    assert all(math.isfinite(lr) for lr in trace)
+    _assert_buffers_follow(policy, torch.device("cpu"), torch.float64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("name", "params"), POLICIES_WITH_COPIES)
+def test_policy_copies_follow_a_move_to_cuda(name: str, params: dict) -> None:
+    """A CPU checkpoint (map_location="cpu") resumed on a GPU: the copies move with it."""
+    unbroken, resumed, policy, restored = _moved_mid_run(
+        name, params, lambda model: model.to("cuda")
+    )
+    assert resumed == unbroken
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    _assert_buffers_follow(policy, cuda, torch.float32)
+    _assert_buffers_follow(restored, cuda, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["hd", "meta"])
+def test_policy_state_for_other_parameters_is_refused(name: str) -> None:
+    two = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))])
+    state = build(name, two).state_dict()
+    one = build(name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1))
+    with pytest.raises(ValueError, match="2 parameter"):
+        one.load_state_dict(state)

@@ -92,14 +92,14 @@ def test_the_report_has_the_tables_plots_and_profile(tmp_path: Path) -> None:
     assert profile.loc[1.0, "fast"] == 1.0  # the fastest on every problem
     assert profile["prodigy"].iloc[-1] == 0.5  # never solves half of them
 
-    class Results:
-        output_dir = tmp_path / "out"
-
     tuned = pd.DataFrame([{"task": "digits", "method": "optuna", "trials": 4, "best_lr": 0.01,
                            "best_val_acc": 0.9, "trials_reaching_target": 1, "cost_s": 12.5,
                            "cost_steps": 400}])  # fmt: skip
     comp = bench.comparisons(trials, goal)
-    files = bench_report.write(_bench(), Results(), trials, table, comp, goal, profile, tuned)  # type: ignore[arg-type]
+    b = _bench()
+    files = bench_report.write(
+        b.name, b.workloads(), tmp_path / "out", trials, table, comp, goal, profile, tuned
+    )
     page = files["report.html"].read_text()
     assert "data:image/png;base64," in page  # the profile plot, embedded
     assert "<td>fast</td>" in page and "Tuned baselines" in page

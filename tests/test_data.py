@@ -89,8 +89,8 @@ def test_mnist_plan2_model_and_budget(tiny_dir: Path) -> None:
     cfg = TrialConfig.from_dict({"task": "mnist", "policy": "constant", "data_dir": str(tiny_dir),
                                  "task_params": {"model": "plan2"}, "budget": 0.5,
                                  "val_size": 100})  # fmt: skip
-    data = tasks.get("mnist").load(cfg)
-    model = tasks.get("mnist").build_model(data, cfg)
+    data = tasks.get("mnist").load(cfg.data_request())
+    model = tasks.get("mnist").model(data, cfg.task_options())
     assert type(model).__name__ == "Plan2CNN"
     # validation: 100 rows, stratified (per-class rounding); training: half of the rest
     assert abs(len(data.val) - 100) <= 5

@@ -220,7 +220,7 @@ def test_a_nan_batch_is_skipped_and_the_run_finishes(monkeypatch: pytest.MonkeyP
     assert last["status"] == "finished" and last["skipped_steps"] == 3  # one per epoch
     assert last["val_acc"] > 0.8
     for state in checkpoints:  # no checkpoint holds a non-finite weight
-        assert all(torch.isfinite(t).all() for t in state["model"].values())
+        assert all(torch.isfinite(t).all() for t in state.model.values())
 
 
 def test_absurd_lrs_diverge_or_recover_without_crashing(ray_session: None, tmp_path: Path) -> None:
@@ -260,7 +260,7 @@ def test_absurd_lrs_diverge_or_recover_without_crashing(ray_session: None, tmp_p
     assert "sgd-lr1e6/seed0: diverged: " in summary_md
     for ckpt in (tmp_path / "out/ray/absurd").glob("*/checkpoint_*/checkpoint.pt"):
         state = loop.load_checkpoint(ckpt.parent)
-        assert all(torch.isfinite(t).all() for t in state["model"].values()), ckpt
+        assert all(torch.isfinite(t).all() for t in state.model.values()), ckpt
     _, runs = _mlflow_children(exp.uri, "absurd")
     tagged = {
         r.info.run_name: r.data.tags.get("tune_alr.diverged_reason")

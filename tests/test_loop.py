@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from trainables import TrialConfig, tasks
+from trainables.checkpoint import CHECKPOINT_FILE, TrainState
 from trainables.loop import load_checkpoint, train
 
 
@@ -64,7 +66,7 @@ def test_resume_continues_the_identical_run(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     train({**CONFIG, "max_steps": 60}, first)
     state = load_checkpoint(first.checkpoints[0])  # after step 20
-    assert state["step"] == 20
+    assert state.step == 20
     resumed = Recorder()
     train(CONFIG, resumed, resume=state)
     assert [m["step"] for m in resumed.metrics] == [40, 60]
@@ -72,6 +74,52 @@ def test_resume_continues_the_identical_run(tmp_path: Path) -> None:
         assert a["lr_trace"] == b["lr_trace"]
         assert a["val_loss"] == b["val_loss"]  # bit for bit on CPU
         assert a["lr"] == b["lr"]
+
+
+# The keys a checkpoint has always held; the loop added the last six over time.
+KEYS = ["model", "optimizer", "policy", "optimizer_run", "order_rng", "torch_rng", "cuda_rng",
+        "python_rng", "numpy_rng", "step", "position", "permutation", "wall_s", "loop_s",
+        "skipped", "best_val_acc", "reached", "policy_s", "initial_val_loss", "cpu_s",
+        "config"]  # fmt: skip
+ADDED_LATER = ["policy_s", "cpu_s", "loop_s", "initial_val_loss", "optimizer_run", "cuda_rng"]
+
+
+def test_a_checkpoint_is_a_plain_dict_and_an_older_one_still_resumes(tmp_path: Path) -> None:
+    whole = Recorder(tmp_path)
+    train(CONFIG, whole)
+    assert whole.checkpoints[0] is not None
+    # torch.load alone reads it (no TrainState needed): a dict of the same keys as ever
+    raw = torch.load(whole.checkpoints[0] / CHECKPOINT_FILE, map_location="cpu",
+                     weights_only=False)  # fmt: skip
+    assert type(raw) is dict and list(raw) == KEYS
+    state = TrainState.load(whole.checkpoints[0])
+    assert state.to_dict().keys() == raw.keys() and state.step == 20
+    # A checkpoint written before the keys added over time: they take their defaults,
+    # and the run continues identically (the initial validation loss only feeds the
+    # divergence test, which this run is far from).
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({k: v for k, v in raw.items() if k not in ADDED_LATER}, old / CHECKPOINT_FILE)
+    state = load_checkpoint(old)
+    assert (state.policy_s, state.cpu_s, state.loop_s) == (0.0, 0.0, 0.0)
+    assert (state.initial_val_loss, state.optimizer_run, state.cuda_rng) == (None, {}, None)
+    resumed = Recorder()
+    train(CONFIG, resumed, resume=state)
+    assert [m["lr_trace"] for m in resumed.metrics] == [m["lr_trace"] for m in whole.metrics[1:]]
+    assert [m["val_loss"] for m in resumed.metrics] == [m["val_loss"] for m in whole.metrics[1:]]
+    # and a plain dict is accepted as resume, as torch.load returns it
+    from_dict = Recorder()
+    train(CONFIG, from_dict, resume=raw)
+    assert [m["lr_trace"] for m in from_dict.metrics] == [m["lr_trace"] for m in whole.metrics[1:]]
+
+
+def test_a_checkpoint_without_a_required_field_says_which(tmp_path: Path) -> None:
+    torch.save({"step": 3}, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match="a checkpoint needs 'model', 'optimizer'") as err:
+        load_checkpoint(tmp_path)
+    assert "it has 'step'" in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint\.pt in checkpoint folder"):
+        load_checkpoint(tmp_path / "nowhere")
 
 
 def test_absurd_lr_diverges_cleanly_without_a_checkpoint(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,8 +124,33 @@ def test_feedback_accelerates_retreats_and_guards() -> None:
     f.append(f[-1] * 0.5)  # 2.0 > 2 x 0.75: the guard halves the LR
     f.append(f[-1])  # cooldown: a raise is withheld (1 of 2)
     f.append(f[-1])  # cooldown: withheld (2 of 2)
-    f.append(f[-1] * 1.1**3)  # the streak kept counting: third raise in a row
+    f.append(f[-1] * 1.1)  # withheld raises do not count: the first raise actually applied
     assert _trace(policy, 9) == pytest.approx(f)
+    assert policy.guard_trips == 1
+
+
+@pytest.mark.parametrize(
+    ("cooldown", "probes", "expected"),
+    [
+        # The bug report: raise, trip, two raises withheld, then a cut. The cut takes back
+        # no raise, because none was applied since the trip: x0.9, not x0.9 / 1.1**2.
+        (2, [1.0, 0.9, 2.0, 0.8, 0.7, 0.75], [1.0, 1.1, 0.55, 0.55, 0.55, 0.55 * 0.9]),
+        # A raise withheld, then the first raise after the cooldown is a first raise.
+        (1, [1.0, 2.5, 0.9, 0.8], [1.0, 0.5, 0.5, 0.55]),
+        # A raise withheld, then a cut: a plain first cut.
+        (1, [1.0, 2.5, 0.9, 1.0], [1.0, 0.5, 0.5, 0.45]),
+        # Cuts during the cooldown apply and compound as usual...
+        (2, [1.0, 3.0, 1.1, 1.2, 0.9], [1.0, 0.5, 0.45, 0.45 * 0.81, 0.45 * 0.81 * 1.1]),
+        # ...and a withheld raise between two cuts ends the run of cuts (it moved nothing).
+        (3, [1.0, 2.5, 1.1, 1.0, 1.05], [1.0, 0.5, 0.45, 0.45, 0.45 * 0.9]),
+    ],
+)
+def test_feedback_raises_withheld_by_the_cooldown_do_not_count_in_the_streak(
+    cooldown: int, probes: list[float], expected: list[float]
+) -> None:
+    policy = build("feedback", _optimizer(), evaluate=_probe(probes), interval=1,
+                   early_interval=None, cooldown=cooldown)  # fmt: skip
+    assert _trace(policy, len(probes)) == pytest.approx(expected, rel=1e-12)
     assert policy.guard_trips == 1
 
 
@@ -194,6 +220,92 @@ def test_bad_arguments_raise_value_error(name: str, params: dict, fragment: str)
     with pytest.raises(ValueError) as err:
         build(name, _optimizer(), **params)
     assert fragment in str(err.value)
+
+
+# -- boolean parameters: parsed strictly -------------------------------------------
+
+
+# Every boolean parameter of every policy, by the registry name that takes it.
+BOOLEAN_PARAMETERS = [
+    ("feedback", "accelerate"),
+    ("feedback", "guard"),
+    ("plan1-literal", "accelerate"),
+    ("plan1-literal", "guard"),
+]
+
+ACCEPTED_BOOLEANS = [
+    (True, True),
+    (False, False),
+    (1, True),
+    (0, False),
+    (np.bool_(True), True),
+    (np.bool_(False), False),
+    ("true", True),
+    ("True", True),
+    ("TRUE", True),
+    ("false", False),
+    ("False", False),
+    ("False ", False),
+    (" no\n", False),
+    ("yes", True),
+    ("Yes", True),
+    ("no", False),
+    ("1", True),
+    ("0", False),
+]
+REJECTED_BOOLEANS = ["nope", "", "on", "off", "t", "2", 2, -1, 0.5, 1.0, None, [True]]
+
+
+@pytest.mark.parametrize(("value", "expected"), ACCEPTED_BOOLEANS)
+@pytest.mark.parametrize(("name", "parameter"), BOOLEAN_PARAMETERS)
+def test_boolean_parameters_parse_strictly(
+    name: str, parameter: str, value: object, expected: bool
+) -> None:
+    policy = build(name, _optimizer(), evaluate=lambda: 1.0, **{parameter: value})
+    assert getattr(policy, parameter) is expected
+
+
+@pytest.mark.parametrize("value", REJECTED_BOOLEANS)
+@pytest.mark.parametrize(("name", "parameter"), BOOLEAN_PARAMETERS)
+def test_boolean_parameters_reject_anything_else(name: str, parameter: str, value: object) -> None:
+    with pytest.raises(ValueError) as err:
+        build(name, _optimizer(), evaluate=lambda: 1.0, **{parameter: value})
+    message = str(err.value)
+    assert message.startswith(f"{parameter} must be a boolean")
+    assert f"got {value!r}" in message
+    assert "'true', 'false', 'yes', 'no', '1', '0'" in message
+
+
+@pytest.mark.parametrize(("value", "expected"), ACCEPTED_BOOLEANS)
+def test_check_bool_accepts(value: object, expected: bool) -> None:
+    from tune_alr.policies.base import check_bool
+
+    assert check_bool("flag", value) is expected
+
+
+@pytest.mark.parametrize("value", REJECTED_BOOLEANS)
+def test_check_bool_rejects(value: object) -> None:
+    from tune_alr.policies.base import check_bool
+
+    with pytest.raises(ValueError, match=r"^flag must be a boolean: .*, got "):
+        check_bool("flag", value)
+
+
+def test_boolean_parameters_table_is_complete() -> None:
+    """Every parameter annotated ``bool`` on a policy is in ``BOOLEAN_PARAMETERS``."""
+    import inspect
+
+    from tune_alr import policies
+
+    found = set()
+    for export in policies.__all__:
+        cls = getattr(policies, export)
+        if isinstance(cls, type) and issubclass(cls, policies.Policy):
+            for parameter, spec in inspect.signature(cls).parameters.items():
+                if "bool" in str(spec.annotation):
+                    found.add((cls.__name__, parameter))
+    assert found == {("Feedback", "accelerate"), ("Feedback", "guard")}
+    assert {p for n, p in BOOLEAN_PARAMETERS if n == "feedback"} == {p for _, p in found}
 
 
 def test_bad_evaluate_and_optimizer() -> None:

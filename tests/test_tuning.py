@@ -25,7 +25,7 @@ def test_a_resume_under_a_perturbed_config_applies_the_new_lr_over_the_checkpoin
     ckpt = first.checkpoints[0]
     assert ckpt is not None
     state = load_checkpoint(ckpt)
-    factor = state["policy"]["factor"]
+    factor = state.policy["factor"]
     assert factor != 1.0  # the policy moved: its state matters
     rest = Recorder()
     train({**BASE, "lr": 3e-3}, rest, resume=state)
@@ -51,7 +51,7 @@ def test_a_changed_policy_parameter_is_applied_and_the_rest_of_the_state_kept(
     changed = {**BASE["policy_params"], "threshold": 0.05}  # type: ignore[dict-item]
     train({**BASE, "lr": 1e-3, "policy_params": changed}, rest, resume=state)
     assert rest.metrics[0]["reapplied"] == "policy_params.threshold"
-    assert rest.metrics[0]["lr_trace"][0] == pytest.approx(1e-3 * state["policy"]["factor"])
+    assert rest.metrics[0]["lr_trace"][0] == pytest.approx(1e-3 * state.policy["factor"])
 
 
 def _results(folder: Path) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from tune_alr.policies import build
 from tune_alr.policies.base import check_int, check_positive
 
 from . import tasks
-from .data import SplitPlan
+from .data import DataRequest, SplitPlan
 
 OPTIMIZERS = tuple(optimizers.available())
 DEVICES = ("auto", "cpu", "cuda")
@@ -29,7 +29,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class TrialConfig:
-    """Everything one trial needs. ``None`` fields take the task's default."""
+    """Everything one trial needs (:meth:`from_dict` fills the task's defaults)."""
 
     task: str
     policy: str
@@ -61,7 +61,14 @@ class TrialConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> TrialConfig:
-        """Validate ``config`` and fill the task's defaults. Raises ``ValueError``."""
+        """Validate ``config`` and fill what it leaves out; raises ``ValueError``.
+
+        A key absent from ``config`` takes the task's default (then the field's); a key
+        present is used as given, ``None`` included (``clip_grad: None``: no clipping;
+        ``lr: None`` is an error). An anchor optimizer given without an LR runs at its
+        authors' default LR. Experiments send every field resolved
+        (``tune_alr.settings``), so this filling serves direct callers of the loop.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
@@ -73,12 +80,11 @@ class TrialConfig:
             if required not in config:
                 raise ValueError(f"a trial config needs {required!r}.")
         task = tasks.get(config["task"])
-        merged = {**task.defaults, **{k: v for k, v in config.items() if v is not None}}
-        if config.get("lr") is None and merged.get("optimizer") in OPTIMIZERS:
-            # An anchor given without an LR runs at its authors' default, not the task's
-            # (Prodigy at the task's Adam LR of 1e-3 would be 1000x too timid).
-            anchor_lr = optimizers.default_lr(merged["optimizer"])
-            if anchor_lr is not None and config.get("optimizer") is not None:
+        merged = {**task.defaults, **config}
+        if "lr" not in config and "optimizer" in config and config["optimizer"] in OPTIMIZERS:
+            # Prodigy at the task's Adam LR of 1e-3 would be 1000x too timid.
+            anchor_lr = optimizers.default_lr(config["optimizer"])
+            if anchor_lr is not None:
                 merged["lr"] = anchor_lr
         return cls(**merged).validated()
 
@@ -164,6 +170,20 @@ class TrialConfig:
             test_size=self.test_size,
             limit_train=self.limit_train,
             budget=self.budget,
+        )
+
+    def task_options(self) -> dict[str, Any]:
+        """The task's options: its defaults with ``task_params`` applied."""
+        return tasks.get(self.task).resolve_params(dict(self.task_params))
+
+    def data_request(self) -> DataRequest:
+        """What the task's loader is asked for."""
+        return DataRequest(
+            task=self.task,
+            data_dir=self.data_dir,
+            plan=self.split_plan(),
+            probe_size=self.probe_size,
+            params=self.task_options(),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,9 @@ only read at the end of a run.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,6 +126,26 @@ class SplitPlan:
     @property
     def test_rows(self) -> int | None:
         return None if self.test_size is None else self._scaled(self.test_size, 1000)
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What a task's loader is asked for (``TrialConfig.data_request()`` builds it).
+
+    Attributes:
+        task: the task's name.
+        data_dir: the local Parquet folder, or ``None`` (``$TUNE_ALR_DATA_DIR``, else
+            the hub).
+        plan: how to cut the splits.
+        probe_size: rows of the validation probe.
+        params: the task's options, resolved (its defaults filled in).
+    """
+
+    task: str
+    data_dir: str | None
+    plan: SplitPlan
+    probe_size: int
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 def carve(

@@ -6,9 +6,10 @@ split, writes a checkpoint into a temporary folder and calls
     report(metrics: dict, checkpoint_dir: str | None)
 
 The folder is deleted when ``report`` returns, so a ``report`` that wants to keep the
-checkpoint copies it (Ray Tune's ``tune.report`` does). ``resume`` takes the dict that
-:func:`load_checkpoint` returns and continues the run exactly: same step counter, same
-data order, same LR sequence.
+checkpoint copies it (Ray Tune's ``tune.report`` does). ``resume`` takes the
+:class:`~trainables.checkpoint.TrainState` that :func:`load_checkpoint` returns (or a dict
+of its fields) and continues the run exactly: same step counter, same data order, same LR
+sequence.
 
 The metrics of each report:
 
@@ -48,8 +49,8 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,12 +63,13 @@ from tune_alr.monitor import ResourceSampler
 from tune_alr.policies import Policy, build
 
 from . import tasks
+from .checkpoint import CHECKPOINT_FILE as CHECKPOINT_FILE
+from .checkpoint import TrainState
 from .config import TrialConfig
-from .data import Split
+from .data import Split, TaskData
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 
-CHECKPOINT_FILE = "checkpoint.pt"
 EVAL_BATCH = 512
 
 
@@ -94,13 +96,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The state saved by :func:`train` in ``directory``."""
-    path = Path(directory) / CHECKPOINT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CHECKPOINT_FILE} in checkpoint folder {directory}.")
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    return state
+def load_checkpoint(directory: str | os.PathLike[str]) -> TrainState:
+    """The state saved by :func:`train` in ``directory`` (see :meth:`TrainState.load`)."""
+    return TrainState.load(directory)
 
 
 def reapply_hyperparameters(
@@ -166,7 +164,7 @@ def train(
     config: Mapping[str, Any] | TrialConfig,
     report: Report,
     *,
-    resume: Mapping[str, Any] | None = None,
+    resume: TrainState | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one model under one policy; returns the last metrics reported.
 
@@ -176,23 +174,120 @@ def train(
     Args:
         config: a :class:`TrialConfig` or a dict for :meth:`TrialConfig.from_dict`.
         report: called as ``report(metrics, checkpoint_dir)`` at each report.
-        resume: a checkpoint from :func:`load_checkpoint` to continue from.
+        resume: a checkpoint from :func:`load_checkpoint` to continue from (or a dict of
+            its fields, as :func:`torch.load` reads a ``checkpoint.pt``).
     """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    state = TrainState.from_dict(resume) if isinstance(resume, Mapping) else resume
     profile = cfg.hardware_profile()
     with hardware.applied(profile, threads=cfg.threads) as caps:
         sampler = ResourceSampler(memory_limit_mb=caps.memory_mb, profile=caps.profile)
         with sampler:
-            return _train(cfg, report, resume, caps, sampler)
+            return _train(cfg, report, state, caps, sampler)
+
+
+@dataclass
+class _Window:
+    """What the loop gathers between two reports (a fresh one after each report)."""
+
+    start: int  # the step number of lr_trace's first entry (steps count from 1)
+    lr_trace: list[float] = field(default_factory=list)  # the step size of each step
+    loss: float = 0.0  # training losses of the steps that updated, summed
+    n: int = 0  # steps that updated
+    samples: int = 0  # training rows seen
+    t0: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Trial:
+    """One trial's objects and counters, handed from step to step of :func:`_train`."""
+
+    cfg: TrialConfig
+    caps: hardware.Applied
+    sampler: ResourceSampler
+    device: torch.device
+    data: TaskData
+    model: nn.Module
+    opt_run: optimizers.Run  # the optimizer, and what it keeps besides (anchors, averages)
+    policy: Policy
+    order: torch.Generator  # the data order, and nothing else
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+
+    # Saved in every checkpoint (the counters are summed over restarts).
+    step: int = 0
+    position: int = 0  # rows of the current epoch's permutation used
+    permutation: torch.Tensor | None = None  # None between epochs: the next step draws one
+    wall_s: float = 0.0
+    skipped: int = 0
+    best_val_acc: float = -math.inf
+    reached: tuple[int, float] | None = None  # (step, wall_s) when val_acc first >= target
+    policy_s: float = 0.0  # time inside policy.step, probes included: the policy's own cost
+    initial_val_loss: float | None = None  # None until measured (or restored)
+    cpu_s_before: float = 0.0  # CPU seconds of earlier runs of this trial (restarts)
+    loop_s_before: float = 0.0  # loop wall time of earlier runs
+
+    # This process only.
+    bad_run: int = 0  # non-finite steps in a row
+    reapplied: list[str] = field(default_factory=list)  # what a PBT exploit changed
+    restored_lr: float = math.nan  # the step size the checkpoint held
+    first_step: int = 1  # the first step this process takes
+    loop_t0: float = 0.0
+    window: _Window = field(default_factory=lambda: _Window(start=1))
+
+    def evaluate(self, split: Split) -> tuple[float, float]:
+        """Loss and accuracy on ``split`` of the weights the optimizer stands for."""
+        return _evaluate_run(self.opt_run, split)
+
+
+def _evaluate_run(opt_run: optimizers.Run, split: Split) -> tuple[float, float]:
+    with opt_run.eval_model() as weights:  # Schedule-Free's x, DoG's average
+        return evaluate(weights, split)
 
 
 def _train(
     cfg: TrialConfig,
     report: Report,
-    resume: Mapping[str, Any] | None,
+    resume: TrainState | None,
     caps: hardware.Applied,
     sampler: ResourceSampler,
 ) -> dict[str, Any]:
+    """Set up (or restore), then step, and report every so often, until the run ends."""
+    trial = _setup(cfg, caps, sampler)
+    if resume is not None:
+        _restore(trial, resume)
+    # The untrained model's validation loss: a later one far above it has exploded.
+    # A checkpoint carries the one measured before its run's first step.
+    if trial.initial_val_loss is None:
+        trial.initial_val_loss = trial.evaluate(trial.data.val)[0]
+    trial.model.train()
+    trial.opt_run.train_mode()
+    trial.first_step = trial.step + 1
+    trial.window = _Window(start=trial.first_step)
+    trial.loop_t0 = trial.window.t0
+    status, last = "running", {}  # last: the metrics of the latest report
+
+    while status == "running":
+        if trial.step < trial.total_steps:
+            _train_step(trial)
+        # Report every report_every steps, at the end, and as soon as the run is stuck.
+        at_end = trial.step >= trial.total_steps
+        stuck = trial.bad_run >= cfg.max_bad_steps
+        if not (at_end or stuck or trial.step % cfg.report_every == 0):
+            continue
+        val_loss, val_acc = trial.evaluate(trial.data.val)
+        reason = _divergence(trial, val_loss)
+        elapsed = _tally(trial, val_acc)
+        last = _metrics(trial, val_loss, val_acc, elapsed, reason)
+        status = last["status"]
+        _report(trial, last, report)
+        trial.window = _Window(start=trial.step + 1)
+    return last
+
+
+def _setup(cfg: TrialConfig, caps: hardware.Applied, sampler: ResourceSampler) -> _Trial:
+    """Seed, load the data, build the model, its optimizer and the policy."""
     assert cfg.lr is not None and cfg.batch_size is not None and cfg.epochs is not None
     assert cfg.optimizer is not None
     device = cfg.torch_device()
@@ -201,13 +296,13 @@ def _train(
     # Seeds are paired across policies: the same seed gives the same initial weights
     # and the same data order whatever the policy.
     seed_everything(cfg.seed)
-    data = task.load(cfg)
-    model = task.build_model(data, cfg).to(device)
+    data = task.load(cfg.data_request())
+    model = task.model(data, cfg.task_options()).to(device)
     sampler.check()  # data and model are in memory: the first place a cap can bite
     bn_order = torch.Generator().manual_seed(cfg.seed + 1)  # never touches the data order
     batch_size = cfg.batch_size
 
-    def bn_batches() -> Any:
+    def bn_batches() -> Iterator[tuple[torch.Tensor, ...]]:
         # Schedule-Free re-measures BatchNorm statistics on a few training batches.
         rows = torch.randperm(len(data.train), generator=bn_order)
         for k in range(optimizers.BN_BATCHES):
@@ -215,218 +310,222 @@ def _train(
             if len(chunk):
                 yield data.train.take(chunk).to(device).inputs
 
-    run = optimizers.build(
+    opt_run = optimizers.build(
         cfg.optimizer, model, cfg.lr, cfg.optimizer_params, bn_batches=bn_batches
     )
-    optimizer = run.optimizer
-    n_train = len(data.train)
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(data.train) / batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
-    def evaluate_on(split: Split) -> tuple[float, float]:
-        with run.eval_model() as weights:  # Schedule-Free's x, DoG's average
-            return evaluate(weights, split)
-
     def probe() -> float:
-        return evaluate_on(data.probe)[0]
+        return _evaluate_run(opt_run, data.probe)[0]
 
     policy = build(
-        cfg.policy, optimizer, evaluate=probe, total_steps=total_steps, **cfg.policy_params
+        cfg.policy, opt_run.optimizer, evaluate=probe, total_steps=total_steps,
+        **cfg.policy_params,
+    )  # fmt: skip
+    return _Trial(
+        cfg=cfg,
+        caps=caps,
+        sampler=sampler,
+        device=device,
+        data=data,
+        model=model,
+        opt_run=opt_run,
+        policy=policy,
+        order=torch.Generator().manual_seed(cfg.seed),
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
     )
-    order = torch.Generator().manual_seed(cfg.seed)
 
-    step, position, wall_s, skipped, bad_run = 0, 0, 0.0, 0, 0
-    permutation: torch.Tensor | None = None
-    best_val_acc = -math.inf
-    policy_s = 0.0  # time inside policy.step, probes included: the policy's own cost
-    cpu_s_before = 0.0  # CPU seconds of earlier runs of this trial (restarts)
-    loop_s_before = 0.0  # loop wall time of earlier runs
-    reached: tuple[int, float] | None = None  # (step, wall_s) when val_acc first >= target
-    reapplied: list[str] = []  # hyperparameters a PBT exploit changed over the checkpoint
-    restored_lr = math.nan
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        # After the optimizer: the policy writes its restored LR into the groups.
-        policy.load_state_dict(resume["policy"])
-        run.load_state_dict(resume.get("optimizer_run", {}))
-        # Population Based Training restores a donor's checkpoint under a perturbed config.
-        restored_lr = run.step_size()
-        reapplied = reapply_hyperparameters(cfg, resume.get("config", {}), policy, total_steps)
-        order.set_state(resume["order_rng"])
-        torch.set_rng_state(resume["torch_rng"])
-        if device.type == "cuda" and resume.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(resume["cuda_rng"])
-        random.setstate(resume["python_rng"])
-        np.random.set_state(resume["numpy_rng"])
-        step, position, wall_s = resume["step"], resume["position"], resume["wall_s"]
-        skipped, permutation = resume["skipped"], resume["permutation"]
-        best_val_acc = resume["best_val_acc"]
-        reached = resume["reached"]
-        policy_s = resume.get("policy_s", 0.0)
-        cpu_s_before = resume.get("cpu_s", 0.0)
-        loop_s_before = resume.get("loop_s", 0.0)
 
-    # The untrained model's validation loss: a later one far above it has exploded.
-    initial_val_loss = (
-        resume["initial_val_loss"]
-        if resume and "initial_val_loss" in resume
-        else evaluate_on(data.val)[0]
+def _restore(trial: _Trial, state: TrainState) -> None:
+    """Continue from ``state``: weights, optimizer, policy, RNGs and counters."""
+    trial.model.load_state_dict(state.model)
+    trial.opt_run.optimizer.load_state_dict(state.optimizer)
+    # After the optimizer: the policy writes its restored LR into the groups.
+    trial.policy.load_state_dict(state.policy)
+    trial.opt_run.load_state_dict(state.optimizer_run)
+    # Population Based Training restores a donor's checkpoint under a perturbed config.
+    trial.restored_lr = trial.opt_run.step_size()
+    trial.reapplied = reapply_hyperparameters(
+        trial.cfg, state.config, trial.policy, trial.total_steps
     )
-    model.train()
-    run.train_mode()
-    lr_trace: list[float] = []
-    trace_start = first_trace = step + 1
-    window_loss, window_n, window_samples = 0.0, 0, 0
-    window_t0 = loop_t0 = time.perf_counter()
+    trial.order.set_state(state.order_rng)
+    torch.set_rng_state(state.torch_rng)
+    if trial.device.type == "cuda" and state.cuda_rng is not None:
+        torch.cuda.set_rng_state(state.cuda_rng)
+    random.setstate(state.python_rng)
+    np.random.set_state(state.numpy_rng)
+    trial.step, trial.position, trial.permutation = state.step, state.position, state.permutation
+    trial.wall_s, trial.skipped = state.wall_s, state.skipped
+    trial.best_val_acc, trial.reached = state.best_val_acc, state.reached
+    trial.policy_s = state.policy_s
+    trial.initial_val_loss = state.initial_val_loss
+    trial.cpu_s_before, trial.loop_s_before = state.cpu_s, state.loop_s
+
+
+def _next_batch(trial: _Trial) -> Split:
+    """The next training batch, in a fresh seeded permutation each epoch."""
+    n_train = len(trial.data.train)
+    if trial.permutation is None:
+        trial.permutation = torch.randperm(n_train, generator=trial.order)
+    rows = trial.permutation[trial.position : trial.position + trial.batch_size]
+    trial.position += trial.batch_size
+    if trial.position >= n_train:
+        trial.permutation, trial.position = None, 0
+    return trial.data.train.take(rows).to(trial.device)
+
+
+def _train_step(trial: _Trial) -> None:
+    """One optimizer step: batch, forward, backward, clip, step (when finite), policy."""
+    window, optimizer = trial.window, trial.opt_run.optimizer
+    batch = _next_batch(trial)
+    logits = trial.model(*batch.inputs)
+    loss = F.cross_entropy(logits, batch.labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # .item() is a sync point on a GPU; the policy needs the value every step.
+    loss_value = loss.item()
+    finite = math.isfinite(loss_value)
+    if finite and trial.cfg.clip_grad is not None:
+        norm = torch.nn.utils.clip_grad_norm_(trial.model.parameters(), trial.cfg.clip_grad)
+        finite = bool(torch.isfinite(norm))
+    if finite:
+        # A non-finite loss or gradient never reaches the weights: skip the update.
+        optimizer.step()
+        trial.opt_run.after_step()
+        trial.bad_run = 0
+        window.loss += loss_value
+        window.n += 1
+    else:
+        trial.skipped += 1
+        trial.bad_run += 1
+    # After the step: anchors set their step size inside it.
+    window.lr_trace.append(trial.opt_run.step_size())
+    t0 = time.perf_counter()
+    trial.policy.step(loss_value)
+    trial.policy_s += time.perf_counter() - t0
+    trial.step += 1
+    window.samples += len(batch)
+    trial.sampler.check()
+
+
+def _divergence(trial: _Trial, val_loss: float) -> str | None:
+    """Why the run has diverged, or ``None`` while it has not."""
+    cfg = trial.cfg
+    if trial.bad_run >= cfg.max_bad_steps:
+        return (
+            f"{trial.bad_run} optimizer steps in a row had a non-finite loss or gradient "
+            f"(max_bad_steps={cfg.max_bad_steps}); their updates were skipped"
+        )
+    if not _finite_params(trial.model):
+        return "the weights became non-finite"
+    if not math.isfinite(val_loss):
+        return "the validation loss is not finite"
+    # (initial is measured before the first step: ``is not None`` only narrows its type.)
+    factor, initial = cfg.diverge_factor, trial.initial_val_loss
+    if factor is not None and initial is not None and val_loss > factor * initial:
+        return f"the validation loss {val_loss:.3g} exceeds {factor:g}x its initial {initial:.3g}"
+    return None
+
+
+def _tally(trial: _Trial, val_acc: float) -> float:
+    """Close the window's clock and update the run's totals; returns the window's seconds."""
+    elapsed = time.perf_counter() - trial.window.t0  # the evaluation included
+    trial.wall_s += elapsed
+    trial.best_val_acc = max(trial.best_val_acc, val_acc)
+    target = trial.cfg.target
+    if target is not None and trial.reached is None and val_acc >= target:
+        trial.reached = (trial.step, trial.wall_s)
+    return elapsed
+
+
+def _metrics(
+    trial: _Trial, val_loss: float, val_acc: float, elapsed: float, reason: str | None
+) -> dict[str, Any]:
+    """The report's metrics (the module docstring lists them), ``status`` included."""
+    step, window = trial.step, trial.window
+    metrics: dict[str, Any] = {
+        "step": step,
+        "epoch": step / trial.steps_per_epoch,
+        "train_loss": window.loss / window.n if window.n else math.nan,
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "lr": trial.opt_run.step_size(),
+        "samples_per_s": window.samples / elapsed if elapsed > 0 else math.nan,
+        "wall_s": trial.wall_s,
+        "window_s": elapsed,
+        "loop_s": trial.loop_s_before + (time.perf_counter() - trial.loop_t0),
+        "skipped_steps": trial.skipped,
+        "total_steps": trial.total_steps,
+        "lr_trace": window.lr_trace,
+        "lr_trace_start": window.start,
+        "policy_ms_per_step": 1000.0 * trial.policy_s / step if step else math.nan,
+        **{f"policy/{k}": v for k, v in trial.policy.diagnostics().items()},
+        **trial.sampler.snapshot(),
+    }
+    metrics["proc/cpu_s"] += trial.cpu_s_before
+    if trial.reached is not None:
+        metrics["steps_to_target"], metrics["wall_s_to_target"] = trial.reached
     status = "running"
-    last: dict[str, Any] = {}
+    if reason is not None or step >= trial.total_steps:
+        status = "finished" if reason is None else "diverged"
+        if reason is not None:
+            metrics["diverged_reason"] = f"{reason} at step {step} (lr {metrics['lr']:.3g})"
+        metrics["best_val_acc"] = trial.best_val_acc
+        if trial.data.test is not None:
+            metrics["test_loss"], metrics["test_acc"] = trial.evaluate(trial.data.test)
+    if window.start == trial.first_step:
+        # Once per process: where the data came from, and the caps it ran under.
+        if trial.data.notes:
+            metrics["data_notes"] = "; ".join(trial.data.notes)
+        metrics.update(trial.caps.metrics())
+        if trial.reapplied:
+            metrics["reapplied"] = ",".join(trial.reapplied)
+            metrics["restored_lr"] = trial.restored_lr  # the step size the checkpoint held
+    metrics["status"] = status
+    return metrics
 
-    while status == "running":
-        if step < total_steps:
-            if permutation is None:
-                permutation = torch.randperm(n_train, generator=order)
-            batch = data.train.take(permutation[position : position + cfg.batch_size]).to(device)
-            position += cfg.batch_size
-            if position >= n_train:
-                permutation, position = None, 0
 
-            logits = model(*batch.inputs)
-            loss = F.cross_entropy(logits, batch.labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # .item() is a sync point on a GPU; the policy needs the value every step.
-            loss_value = loss.item()
-            finite = math.isfinite(loss_value)
-            if finite and cfg.clip_grad is not None:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                finite = bool(torch.isfinite(norm))
-            if finite:
-                # A non-finite loss or gradient never reaches the weights: skip the update.
-                optimizer.step()
-                run.after_step()
-                bad_run = 0
-                window_loss += loss_value
-                window_n += 1
-            else:
-                skipped += 1
-                bad_run += 1
-            # After the step: anchors set their step size inside it.
-            lr_trace.append(run.step_size())
-            t0 = time.perf_counter()
-            policy.step(loss_value)
-            policy_s += time.perf_counter() - t0
-            step += 1
-            window_samples += len(batch)
-            sampler.check()
+def _checkpoint(trial: _Trial, metrics: Mapping[str, Any]) -> TrainState:
+    """What a resume needs to continue exactly where ``metrics`` were reported."""
+    return TrainState(
+        model=trial.model.state_dict(),
+        optimizer=trial.opt_run.optimizer.state_dict(),
+        policy=trial.policy.state_dict(),
+        optimizer_run=trial.opt_run.state_dict(),
+        order_rng=trial.order.get_state(),
+        torch_rng=torch.get_rng_state(),
+        cuda_rng=torch.cuda.get_rng_state() if trial.device.type == "cuda" else None,
+        python_rng=random.getstate(),
+        numpy_rng=np.random.get_state(),
+        step=trial.step,
+        position=trial.position,
+        permutation=trial.permutation,
+        wall_s=trial.wall_s,
+        loop_s=metrics["loop_s"],
+        skipped=trial.skipped,
+        best_val_acc=trial.best_val_acc,
+        reached=trial.reached,
+        policy_s=trial.policy_s,
+        initial_val_loss=trial.initial_val_loss,
+        cpu_s=metrics["proc/cpu_s"],
+        config=trial.cfg.to_dict(),
+    )
 
-        at_end = step >= total_steps
-        diverged = bad_run >= cfg.max_bad_steps
-        if not (at_end or diverged or step % cfg.report_every == 0):
-            continue
 
-        val_loss, val_acc = evaluate_on(data.val)
-        reason = ""
-        if diverged:
-            reason = (
-                f"{bad_run} optimizer steps in a row had a non-finite loss or gradient "
-                f"(max_bad_steps={cfg.max_bad_steps}); their updates were skipped"
-            )
-        elif not _finite_params(model):
-            diverged, reason = True, "the weights became non-finite"
-        elif not math.isfinite(val_loss):
-            diverged, reason = True, "the validation loss is not finite"
-        elif cfg.diverge_factor is not None and val_loss > cfg.diverge_factor * initial_val_loss:
-            diverged, reason = (
-                True,
-                (
-                    f"the validation loss {val_loss:.3g} exceeds {cfg.diverge_factor:g}x its "
-                    f"initial {initial_val_loss:.3g}"
-                ),
-            )
-        elapsed = time.perf_counter() - window_t0
-        wall_s += elapsed
-        best_val_acc = max(best_val_acc, val_acc)
-        if cfg.target is not None and reached is None and val_acc >= cfg.target:
-            reached = (step, wall_s)
-        metrics: dict[str, Any] = {
-            "step": step,
-            "epoch": step / steps_per_epoch,
-            "train_loss": window_loss / window_n if window_n else math.nan,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": run.step_size(),
-            "samples_per_s": window_samples / elapsed if elapsed > 0 else math.nan,
-            "wall_s": wall_s,
-            "window_s": elapsed,
-            "loop_s": loop_s_before + (time.perf_counter() - loop_t0),
-            "skipped_steps": skipped,
-            "total_steps": total_steps,
-            "lr_trace": lr_trace,
-            "lr_trace_start": trace_start,
-            "policy_ms_per_step": 1000.0 * policy_s / step if step else math.nan,
-            **{f"policy/{k}": v for k, v in policy.diagnostics().items()},
-            **sampler.snapshot(),
-        }
-        metrics["proc/cpu_s"] += cpu_s_before
-        if reached is not None:
-            metrics["steps_to_target"], metrics["wall_s_to_target"] = reached
-        if diverged or at_end:
-            status = "diverged" if diverged else "finished"
-            if diverged:
-                metrics["diverged_reason"] = f"{reason} at step {step} (lr {metrics['lr']:.3g})"
-            metrics["best_val_acc"] = best_val_acc
-            if data.test is not None:
-                metrics["test_loss"], metrics["test_acc"] = evaluate_on(data.test)
-        if trace_start == first_trace:
-            # Once per process: where the data came from, and the caps it ran under.
-            if data.notes:
-                metrics["data_notes"] = "; ".join(data.notes)
-            metrics.update(caps.metrics())
-            if reapplied:
-                metrics["reapplied"] = ",".join(reapplied)
-                metrics["restored_lr"] = restored_lr  # the step size the checkpoint held
-        metrics["status"] = status
-
-        # No checkpoint ever holds non-finite weights: a diverged run reports without one.
-        checkpoint_dir = None if diverged else tempfile.mkdtemp(prefix="tune-alr-ckpt-")
-        try:
-            if checkpoint_dir is not None:
-                torch.save(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "policy": policy.state_dict(),
-                        "optimizer_run": run.state_dict(),
-                        "order_rng": order.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                        "python_rng": random.getstate(),
-                        "numpy_rng": np.random.get_state(),
-                        "step": step,
-                        "position": position,
-                        "permutation": permutation,
-                        "wall_s": wall_s,
-                        "loop_s": metrics["loop_s"],
-                        "skipped": skipped,
-                        "best_val_acc": best_val_acc,
-                        "reached": reached,
-                        "policy_s": policy_s,
-                        "initial_val_loss": initial_val_loss,
-                        "cpu_s": metrics["proc/cpu_s"],
-                        "config": cfg.to_dict(),
-                    },
-                    Path(checkpoint_dir) / CHECKPOINT_FILE,
-                )
-            report(metrics, checkpoint_dir)
-        finally:
-            if checkpoint_dir is not None:
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        last = metrics
-        lr_trace = []
-        trace_start = step + 1
-        window_loss, window_n, window_samples = 0.0, 0, 0
-        window_t0 = time.perf_counter()
-    return last
+def _report(trial: _Trial, metrics: dict[str, Any], report: Report) -> None:
+    """Hand ``metrics`` and a checkpoint to ``report``; the checkpoint is deleted after."""
+    # No checkpoint ever holds non-finite weights: a diverged run reports without one.
+    diverged = metrics["status"] == "diverged"
+    checkpoint_dir = None if diverged else tempfile.mkdtemp(prefix="tune-alr-ckpt-")
+    try:
+        if checkpoint_dir is not None:
+            _checkpoint(trial, metrics).save(checkpoint_dir)
+        report(metrics, checkpoint_dir)
+    finally:
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)

@@ -1,27 +1,33 @@
 """The task registry: a task gives data, a model and defaults; the policy is the plug-in.
 
 from trainables import tasks
-tasks.available()            # ['digits', ...]
+tasks.available()                        # ['digits', ...]
 task = tasks.get("digits")
-data = task.load(config)     # TaskData
-model = task.build_model(data, config)
+data = task.load(config.data_request())  # TaskData
+model = task.model(data, config.task_options())
+
+A task of one's own is a :class:`Task` given to :func:`register` in a module that Ray's
+workers import too (see the README: "Adding a task").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import data as data_mod
 from . import hub, text
+from .data import DataRequest
 from .models import DigitsCNN, Plan1CNN, Plan2CNN, TextLSTM
 
-if TYPE_CHECKING:
-    from .config import TrialConfig
+#: ``load(request) -> TaskData``
+Loader = Callable[[DataRequest], data_mod.TaskData]
+#: ``model(data, options) -> nn.Module``: built after seeding, so its weights are seeded.
+ModelBuilder = Callable[[data_mod.TaskData, Mapping[str, Any]], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -31,8 +37,9 @@ class Task:
     Attributes:
         name: the registry key.
         description: one line for listings.
-        load: ``load(config) -> TaskData``.
-        model: ``model(data, config) -> nn.Module`` (built after seeding, so seeded).
+        load: ``load(request) -> TaskData`` (:class:`~trainables.data.DataRequest`).
+        model: ``model(data, options) -> nn.Module``, ``options`` the task's options
+            resolved (built after seeding, so its weights are seeded).
         defaults: the task's default trial settings (optimizer, lr, batch_size, epochs,
             and optionally clip_grad, report_every).
         params: the task's own options (``task_params``) and their defaults.
@@ -40,14 +47,11 @@ class Task:
 
     name: str
     description: str
-    load: Callable[[TrialConfig], data_mod.TaskData]
-    model: Callable[[data_mod.TaskData, TrialConfig], nn.Module]
+    load: Loader
+    model: ModelBuilder
     defaults: Mapping[str, Any] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
     choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-
-    def build_model(self, data: data_mod.TaskData, config: TrialConfig) -> nn.Module:
-        return self.model(data, config)
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The task's options with ``given`` applied; ``ValueError`` for an unknown one."""
@@ -94,30 +98,30 @@ def get(name: str) -> Task:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(available())}.") from None
 
 
-def _load_real(c: TrialConfig) -> tuple[hub.Source, dict[str, Any], list[str]]:
-    source = hub.SOURCES[c.task]
-    raw = hub.load_raw(source, hub.data_dir_from(c.data_dir))
+def _load_real(r: DataRequest) -> tuple[hub.Source, dict[str, Any], list[str]]:
+    source = hub.SOURCES[r.task]
+    raw = hub.load_raw(source, hub.data_dir_from(r.data_dir))
     for split, (_, labels) in raw.splits.items():
         hub.check_labels(labels, source.num_classes, f"{raw.origin}, split {split!r}")
-    arrays, notes = data_mod.carve(raw.splits, c.split_plan())
+    arrays, notes = data_mod.carve(raw.splits, r.plan)
     return source, arrays, [f"data from {raw.origin}", *notes]
 
 
 def _task_data(
-    splits: dict[str, data_mod.Split], c: TrialConfig, num_classes: int, notes: list[str]
+    splits: dict[str, data_mod.Split], r: DataRequest, num_classes: int, notes: list[str]
 ) -> data_mod.TaskData:
     return data_mod.TaskData(
         train=splits["train"],
         val=splits["val"],
         test=splits.get("test"),
-        probe=data_mod.probe_subset(splits["val"], c.probe_size, c.data_seed),
+        probe=data_mod.probe_subset(splits["val"], r.probe_size, r.plan.data_seed),
         num_classes=num_classes,
         notes=tuple(notes),
     )
 
 
-def _image_loader(shape: tuple[int, int, int], hwc: bool) -> Callable[[TrialConfig], Any]:
-    def load(c: TrialConfig) -> data_mod.TaskData:
+def _image_loader(shape: tuple[int, int, int], hwc: bool) -> Loader:
+    def load(c: DataRequest) -> data_mod.TaskData:
         source, arrays, notes = _load_real(c)
         width = arrays["train"][0].reshape(len(arrays["train"][0]), -1).shape[1]
         if width != shape[0] * shape[1] * shape[2]:
@@ -130,9 +134,9 @@ def _image_loader(shape: tuple[int, int, int], hwc: bool) -> Callable[[TrialConf
     return load
 
 
-def _load_text(c: TrialConfig) -> data_mod.TaskData:
+def _load_text(c: DataRequest) -> data_mod.TaskData:
     source, arrays, notes = _load_real(c)
-    params = get(c.task).resolve_params(c.task_params)
+    params = c.params
     tokenizer = text.train_tokenizer(list(arrays["train"][0]), params["vocab_size"])
     splits = {
         name: data_mod.Split(
@@ -144,9 +148,8 @@ def _load_text(c: TrialConfig) -> data_mod.TaskData:
     return _task_data(splits, c, source.num_classes, notes)
 
 
-def _text_model(bidirectional: bool) -> Callable[[data_mod.TaskData, TrialConfig], nn.Module]:
-    def build(d: data_mod.TaskData, c: TrialConfig) -> nn.Module:
-        p = get(c.task).resolve_params(c.task_params)
+def _text_model(bidirectional: bool) -> ModelBuilder:
+    def build(d: data_mod.TaskData, p: Mapping[str, Any]) -> nn.Module:
         return TextLSTM(
             p["vocab_size"],
             d.num_classes,
@@ -159,8 +162,8 @@ def _text_model(bidirectional: bool) -> Callable[[data_mod.TaskData, TrialConfig
     return build
 
 
-def _mnist_model(d: data_mod.TaskData, c: TrialConfig) -> nn.Module:
-    variant = get("mnist").resolve_params(c.task_params)["model"]
+def _mnist_model(d: data_mod.TaskData, p: Mapping[str, Any]) -> nn.Module:
+    variant = p["model"]
     return Plan1CNN(d.num_classes) if variant == "plan1" else Plan2CNN(1, 28, d.num_classes)
 
 
@@ -186,7 +189,7 @@ register(
         name="cifar10",
         description="CIFAR-10 (uoft-cs/cifar10); plan 2's CNN conv32-pool-conv64-pool-fc128",
         load=_image_loader((3, 32, 32), hwc=True),
-        model=lambda d, c: Plan2CNN(3, 32, d.num_classes),
+        model=lambda d, p: Plan2CNN(3, 32, d.num_classes),
         # ../shared/data holds a 4,000-image subset: a 2,000-image validation would halve it
         defaults={
             "optimizer": "adam",
@@ -250,8 +253,8 @@ register(
     Task(
         name="digits",
         description="scikit-learn's bundled 8x8 digits, small CNN (embedded, no download)",
-        load=lambda c: data_mod.load_digits(c.split_plan(), c.probe_size),
-        model=lambda d, c: DigitsCNN(d.num_classes),
+        load=lambda r: data_mod.load_digits(r.plan, r.probe_size),
+        model=lambda d, p: DigitsCNN(d.num_classes),
         defaults={"optimizer": "adam", "lr": 1e-3, "batch_size": 32, "epochs": 10},
     )
 )

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,87 +39,13 @@ import numpy as np
 import pandas as pd
 
 from . import optimizers, report, stats
-from .experiment import Arm, Experiment, Results
-from .experiment import run as run_experiment
-
-
-@dataclass(frozen=True)
-class Workload:
-    """One benchmark problem: a task with fixed settings.
-
-    Attributes:
-        name: the workload's name (``--workload``).
-        task: the task it runs.
-        trial: trial settings (``TrialConfig`` fields) for this task.
-        task_params: the task's options.
-        note: where the settings come from.
-    """
-
-    name: str
-    task: str
-    trial: Mapping[str, Any] = field(default_factory=dict)
-    task_params: Mapping[str, Any] = field(default_factory=dict)
-    note: str = ""
-
-
-WORKLOADS: dict[str, Workload] = {
-    w.name: w
-    for w in (
-        Workload(
-            "digits",
-            "digits",
-            {"epochs": 10, "report_every": 10, "threads": 1},
-            note="the embedded 8x8 digits, 10 epochs (340 steps), batch 32",
-        ),
-        Workload(
-            "mnist-anchor",
-            "mnist",
-            {
-                "limit_train": 10000,
-                "val_size": 2000,
-                "batch_size": 32,
-                "epochs": 2,
-                "report_every": 25,
-                "threads": 1,
-            },
-            {"model": "plan2"},
-            note="DESIGN.md: plan 2's CNN, 10,000 / 2,000 of train, batch 32, 2 epochs (626 "
-            "steps), 1 thread",
-        ),
-        Workload(
-            "agnews-anchor",
-            "ag_news",
-            {
-                "val_size": 1600,
-                "batch_size": 32,
-                "epochs": 2,
-                "clip_grad": 1.0,
-                "report_every": 25,
-                "threads": 1,
-            },
-            {"vocab_size": 20000, "max_len": 64, "hidden": 64},
-            note="DESIGN.md: 6,000 / 1,600 of test.csv, BiLSTM(64), 20k words, length 64, "
-            "batch 32, 2 epochs (376 steps), clip 1.0",
-        ),
-    )
-}
-
-#: ``--tasks`` names map to their workloads.
-BY_TASK = {"digits": "digits", "mnist": "mnist-anchor", "ag_news": "agnews-anchor"}
+from .experiment import Arm, Experiment
+from .results import Results
+from .runner import run as run_experiment
+from .workloads import BY_TASK, WORKLOADS, Workload, workload
 
 GRID_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 POLICIES = ("feedback", "meta", "hd", "cyclic")
-
-
-def workload(name: str) -> Workload:
-    """A workload by its name or its task's name; ``ValueError`` naming the accepted ones."""
-    key = BY_TASK.get(name, name)
-    if key not in WORKLOADS:
-        raise ValueError(
-            f"unknown workload {name!r}; accepted: {', '.join(WORKLOADS)} "
-            f"(or the tasks {', '.join(BY_TASK)})."
-        )
-    return WORKLOADS[key]
 
 
 def grid_label(lr: float) -> str:
@@ -194,13 +120,13 @@ class Bench:
         out = []
         exp = self.experiment()
         for w in self.workloads():
-            trial = {k: v for k, v in exp.task_settings(w.task).items() if v is not None}
-            trial = {**exp.trial, **trial}
-            trial.pop("task")
             out.append(
                 Search(
                     task=w.task,
-                    trial=trial,
+                    # the workload's settings, as the bench's own trials get them
+                    trial={**exp.trial, **w.trial},
+                    task_params=w.task_params,
+                    budget=self.budget,
                     name=self.name,
                     output=exp.output_dir,
                     tracking_uri=self.tracking_uri,
@@ -225,7 +151,8 @@ class Bench:
             tasks=[w.task for w in chosen],
             policies=self.arms(),
             seeds=self.seeds,
-            optimizer="adam",
+            # the policies under test run on Adam (the grid and the anchors name their own)
+            optimizer="adam" if self.policies else None,
             task_params={w.task: dict(w.task_params) for w in chosen if w.task_params},
             task_trial={w.task: dict(w.trial) for w in chosen},
             budget=self.budget,
@@ -383,7 +310,17 @@ def analyse(bench: Bench, results: Results, tuned: Sequence[Any] = ()) -> Outcom
     table = main_table(trials)
     comp = comparisons(trials, goal)
     extra = tuned_table(tuned, goal)
-    files = bench_report.write(bench, results, trials, table, comp, goal, profiles(trials), extra)
+    files = bench_report.write(
+        bench.name,
+        bench.workloads(),
+        results.output_dir,
+        trials,
+        table,
+        comp,
+        goal,
+        profiles(trials),
+        extra,
+    )
     return Outcome(results, trials, table, comp, goal, files, extra)
 
 

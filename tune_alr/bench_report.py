@@ -9,17 +9,14 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
-from .report import _num, _p, _pyplot, _speedup
-
-if TYPE_CHECKING:
-    from .bench import Bench
-    from .experiment import Results
+from .report import format_num, format_p, format_speedup, pyplot
+from .workloads import Workload
 
 
 def _pct(mean: float, std: float) -> str:
@@ -39,7 +36,7 @@ def _pp(row: Any, label: str) -> str:
     raw = row[f"{label}_p"]
     if raw is None or math.isnan(raw):
         return "-"
-    return f"{raw:.3g} / {_p(row[f'{label}_p_holm'])}"
+    return f"{raw:.3g} / {format_p(row[f'{label}_p_holm'])}"
 
 
 def table_rows(table: pd.DataFrame, task: str) -> list[list[str]]:
@@ -52,9 +49,9 @@ def table_rows(table: pd.DataFrame, task: str) -> list[list[str]]:
                 _pct(r["final_val_acc_mean"], r["final_val_acc_std"]),
                 _median(r["steps_to_target_median"], r["hits"], r["seeds"], ".0f"),
                 _median(r["wall_s_to_target_median"], r["hits"], r["seeds"], ".1f"),
-                _num(r["wall_s_mean"], ".1f"),
-                _num(r["policy_ms_per_step_mean"], ".3f"),
-                _num(r["peak_rss_mb_mean"], ".0f"),
+                format_num(r["wall_s_mean"], ".1f"),
+                format_num(r["policy_ms_per_step_mean"], ".3f"),
+                format_num(r["peak_rss_mb_mean"], ".0f"),
             ]
         )
     return rows
@@ -78,11 +75,11 @@ def comparison_rows(comp: pd.DataFrame, task: str) -> list[list[str]]:
                 str(r["policy"]),
                 str(r["baseline"]),
                 str(r["pairs"]),
-                _speedup(r, "steps"),
+                format_speedup(r, "steps"),
                 _pp(r, "steps"),
-                _speedup(r, "wall"),
+                format_speedup(r, "wall"),
                 _pp(r, "wall"),
-                _num(100 * r["acc_diff"], "+.2f"),
+                format_num(100 * r["acc_diff"], "+.2f"),
                 _pp(r, "acc"),
             ]
         )
@@ -115,7 +112,7 @@ PROTOCOL = (
 
 def plot_profile(profile: pd.DataFrame, path: Path) -> Path:
     """The performance-profile plot (fraction of problems within tau x the best time)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, column in enumerate(profile.columns):
         style = "-" if i < 10 else "--"
@@ -131,8 +128,9 @@ def plot_profile(profile: pd.DataFrame, path: Path) -> Path:
 
 
 def write(
-    bench: Bench,
-    results: Results,
+    name: str,
+    workloads: Sequence[Workload],
+    out: Path,
     trials: pd.DataFrame,
     table: pd.DataFrame,
     comp: pd.DataFrame,
@@ -140,10 +138,7 @@ def write(
     profile: pd.DataFrame,
     tuned: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
-    """Write the bench's files into the experiment's output folder; returns them by name."""
-    from .bench import workload
-
-    out = results.output_dir
+    """Write the bench's files into the output folder ``out``; returns them by name."""
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "bench_trials.csv": out / "bench_trials.csv",
@@ -158,10 +153,10 @@ def write(
     if not profile.empty:
         files["perf_profile.png"] = plot_profile(profile, out / "perf_profile.png")
 
-    md = [f"# {bench.name}: policies against the grid and the anchors", "", PROTOCOL, ""]
-    parts = [f"<h1>{html.escape(bench.name)}: policies against the grid and the anchors</h1>",
+    md = [f"# {name}: policies against the grid and the anchors", "", PROTOCOL, ""]
+    parts = [f"<h1>{html.escape(name)}: policies against the grid and the anchors</h1>",
              f"<p>{html.escape(PROTOCOL)}</p>"]  # fmt: skip
-    by_task = {workload(t).task: workload(t) for t in bench.tasks}
+    by_task = {w.task: w for w in workloads}
     for task in sorted(goal):
         target, best = goal[task]
         w = by_task.get(task)
@@ -210,7 +205,7 @@ def write(
              "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;"
              "padding:3px 6px;font-size:13px}img{max-width:100%}")  # fmt: skip
     files["report.html"].write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(bench.name)}"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}"
         f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     )
     return files

@@ -34,12 +34,16 @@ def _seeds(text: str) -> int | list[int]:
         ) from None
 
 
+_BOOLEANS = {"true": True, "yes": True, "false": False, "no": False}
+
+
 def _value(text: str) -> Any:
-    """A ``key=value`` value: JSON when it parses (numbers, true, null), else the string."""
+    """A ``key=value`` value: JSON when it parses (numbers, true, null, lists, objects),
+    then ``True``/``False``/``yes``/``no`` in any case as booleans, else the string."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        return text
+        return _BOOLEANS.get(text.strip().lower(), text)
 
 
 def _assignments(items: Sequence[str], what: str) -> dict[str, Any]:
@@ -52,13 +56,14 @@ def _assignments(items: Sequence[str], what: str) -> dict[str, Any]:
     return out
 
 
-def _policy_params(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+def _nested(items: Sequence[str], flag: str, owner: str) -> dict[str, dict[str, Any]]:
+    """``OWNER.NAME=VALUE`` assignments (``--policy-param``, ``--task-param``) by owner."""
     out: dict[str, dict[str, Any]] = {}
-    for key, value in _assignments(items, "--policy-param").items():
-        policy, dot, param = key.partition(".")
-        if not dot or not param:
-            raise ValueError(f"--policy-param must look like policy.name=value, got {key!r}.")
-        out.setdefault(policy, {})[param] = value
+    for key, value in _assignments(items, flag).items():
+        name, dot, param = key.partition(".")
+        if not dot or not name or not param:
+            raise ValueError(f"{flag} must look like {owner}.name=value, got {key!r}.")
+        out.setdefault(name, {})[param] = value
     return out
 
 
@@ -134,11 +139,19 @@ def parser() -> argparse.ArgumentParser:
         help="a policy parameter, e.g. feedback.interval=50 (repeatable)",
     )
     run.add_argument(
+        "--task-param",
+        action="append",
+        default=[],
+        metavar="TASK.NAME=VALUE",
+        help="a task option, e.g. imdb.layers=2 or mnist.model=plan2 (repeatable)",
+    )
+    run.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="another trial setting, e.g. clip_grad=1.0 or limit_train=500 (repeatable)",
+        help="another trial setting, e.g. clip_grad=1.0, clip_grad=null (no clipping) or "
+        "limit_train=500 (repeatable)",
     )
 
     ben = sub.add_parser(
@@ -224,13 +237,13 @@ def _experiment(args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def _run(exp: Any) -> int:
-    from .experiment import run
+    from .runner import run
 
     return _print_results(exp, run(exp))
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from .experiment import resume
+    from .runner import resume
 
     results = resume(args.directory)
     return _print_results(results.experiment, results)
@@ -256,7 +269,12 @@ def _print_results(exp: Any, results: Any) -> int:
 
 
 def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """Experiment fields of ``tune-alr run``: the preset's, then the flags given."""
+    """Experiment fields of ``tune-alr run``: the preset's, then the flags given.
+
+    A flag replaces the preset's value of the same field; ``--set NAME=VALUE`` goes into
+    ``Experiment.trial``, and one that disagrees with a flag is refused by the settings
+    resolution (``tune_alr.settings``), naming both.
+    """
     from .presets import preset
 
     fields: dict[str, Any] = preset(args.preset) if args.preset else {}
@@ -269,26 +287,32 @@ def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
         "optimizer": args.optimizer,
         "batch_size": args.batch_size,
         "epochs": args.epochs,
+        "report_every": args.report_every,
         "budget": args.budget,
         "target": args.target,
     }
     fields.update({k: v for k, v in flags.items() if v is not None})
     # a preset's task options apply to the tasks it still runs after --tasks
-    fields["task_params"] = {
-        t: p for t, p in fields.get("task_params", {}).items() if t in fields["tasks"]
-    }
+    task_params = {t: dict(p) for t, p in fields.get("task_params", {}).items()
+                   if t in fields["tasks"]}  # fmt: skip
+    for task, params in _nested(args.task_param, "--task-param", "task").items():
+        task_params.setdefault(task, {}).update(params)
+    fields["task_params"] = task_params
     trial = _assignments(args.set, "--set")
-    for key, value in (
-        ("data_dir", args.data_dir),
-        ("limit_train", args.limit_train),
-        ("report_every", args.report_every),
+    for key, flag, value in (
+        ("data_dir", "--data-dir", args.data_dir),
+        ("limit_train", "--limit-train", args.limit_train),
     ):
-        if value is not None:
-            trial[key] = value
-    if "report_every" in trial:
-        fields["report_every"] = trial.pop("report_every")
+        if value is None:
+            continue
+        if key in trial and trial[key] != value:
+            raise ValueError(
+                f"{key} is given twice with different values: {flag} {value!r} and "
+                f"--set {key}={trial[key]!r}."
+            )
+        trial[key] = value
     fields["trial"] = trial
-    fields["policy_params"] = _policy_params(args.policy_param)
+    fields["policy_params"] = _nested(args.policy_param, "--policy-param", "policy")
     return fields
 
 
@@ -376,7 +400,9 @@ def _report(args: argparse.Namespace) -> int:
     print(f"\nSummary files: {output.resolve()}/")
     if args.tracking_uri:
         from . import tracking
-        from .experiment import SPEC_FILE, read_spec, summary_files
+        from .results import summary_files
+        from .runner import close_parent, read_spec
+        from .storage import SPEC_FILE
 
         tracking.check_tracking_uri(args.tracking_uri)
         name, parent = Path(args.directory).resolve().name, None
@@ -384,7 +410,7 @@ def _report(args: argparse.Namespace) -> int:
             exp, parent = read_spec(args.directory)
             name = exp.name
         handle = tracking.relog(records, args.tracking_uri, name, parent)
-        tracking.finish_parent(handle, "FINISHED", summary_files(output))
+        close_parent(handle, "FINISHED", summary_files(output))
         print(
             f"MLflow: {len(records)} trial(s) logged into {tracking.redact(args.tracking_uri)} "
             f"(parent run {handle.parent_run_id})"

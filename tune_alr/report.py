@@ -264,13 +264,13 @@ def to_markdown(summary: pd.DataFrame, title: str = "Summary") -> str:
             f"| {r['steps_mean']:.0f} | {r['wall_s_mean']:.1f} | {r['final_lr_mean']:.3g} "
             f"| {r['epochs_to_stable_mean']:.2f} "
             f"| {_target_cell(r['steps_to_target_median'], r['target_hits'], r['seeds'])} "
-            f"| {_num(r['cpu_s_mean'], '.1f')} | {_num(r['peak_rss_mb_mean'], '.0f')} "
-            f"| {_num(r['policy_ms_per_step_mean'], '.3f')} |"
+            f"| {format_num(r['cpu_s_mean'], '.1f')} | {format_num(r['peak_rss_mb_mean'], '.0f')} "
+            f"| {format_num(r['policy_ms_per_step_mean'], '.3f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _num(value: float, spec: str) -> str:
+def format_num(value: float, spec: str) -> str:
     return "-" if math.isnan(value) else format(value, spec)
 
 
@@ -296,7 +296,7 @@ def format_table(summary: pd.DataFrame) -> str:
     return summary[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # headless: files only, never a window
@@ -312,7 +312,7 @@ def plot_trial_curves(
     folder: Path,
 ) -> list[Path]:
     """``lr_curve.png`` and ``val_curve.png`` of one trial into ``folder``."""
-    plt = _pyplot()
+    plt = pyplot()
     paths = []
     if lr_steps:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -339,7 +339,7 @@ def plot_trial_curves(
 
 def plot_experiment(records: Sequence[TrialRecord], folder: Path) -> list[Path]:
     """Per task: ``lr_<task>.png`` (LR paths) and ``val_<task>.png`` (val accuracy)."""
-    plt = _pyplot()
+    plt = pyplot()
     paths = []
     for task in sorted({str(r.config.get("task")) for r in records}):
         mine = [r for r in records if str(r.config.get("task")) == task and r.results]
@@ -398,20 +398,20 @@ def _comparison_markdown(comparisons: pd.DataFrame | None) -> str:
     for _, r in comparisons.iterrows():
         lines.append(
             f"| {r['task']} | {r['policy']} | {r['pairs']} "
-            f"| {_speedup(r, 'steps')} | {_p(r['steps_p_holm'])} "
-            f"| {_speedup(r, 'wall')} | {_p(r['wall_p_holm'])} |"
+            f"| {format_speedup(r, 'steps')} | {format_p(r['steps_p_holm'])} "
+            f"| {format_speedup(r, 'wall')} | {format_p(r['wall_p_holm'])} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _speedup(row: Any, label: str) -> str:
+def format_speedup(row: Any, label: str) -> str:
     median, low, high = row[f"{label}_speedup"], row[f"{label}_ci_low"], row[f"{label}_ci_high"]
     if math.isnan(median):
         return "-"
     return f"{median:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def _p(value: float) -> str:
+def format_p(value: float) -> str:
     if math.isnan(value):
         return "-"
     mark = " *" if value < 0.05 else ""

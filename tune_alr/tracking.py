@@ -88,6 +88,12 @@ def redact(uri: str) -> str:
     return parsed._replace(netloc=netloc).geturl()
 
 
+def redact_text(text: str, uri: str) -> str:
+    """``text`` (an error message, say) with ``uri``'s password replaced by ``***``."""
+    password = urlparse(uri).password
+    return text.replace(password, "***") if password else text
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, else ``None``."""
     if not uri.startswith("sqlite:///"):

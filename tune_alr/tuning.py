@@ -37,10 +37,11 @@ from typing import Any
 
 import pandas as pd
 
-from trainables.config import TrialConfig
-
-from . import report, tracking
+from . import report, runner, tracking
+from .experiment import Arm, Experiment
 from .policies.base import check_int
+from .results import trial_folders
+from .tuner import trial_dirname, trial_name
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,11 @@ class Search:
         optimizer: the optimizer (default ``adam``).
         lr_range: the LR's log-uniform range.
         num_samples: Optuna trials, or PBT's population size.
-        trial: other trial settings shared by all (e.g. ``{"max_steps": 300}``).
+        trial: other trial settings shared by all (e.g. ``{"max_steps": 300}``), resolved
+            over the task's defaults as ``Experiment.trial`` is (``tune_alr.settings``);
+            its ``policy_params`` are the searched policy's parameters.
+        task_params: the task's options.
+        budget: scales epochs and data as ``Experiment.budget``.
         seed: the trials' model and data seed, and the searcher's.
         asha: prune Optuna trials with ASHA on validation accuracy.
         metric: what is maximised (a reported metric).
@@ -67,6 +72,8 @@ class Search:
     lr_range: tuple[float, float] = (1e-4, 1e-1)
     num_samples: int = 8
     trial: Mapping[str, Any] = field(default_factory=dict)
+    task_params: Mapping[str, Any] = field(default_factory=dict)
+    budget: float | None = None
     seed: int = 0
     asha: bool = False
     metric: str = "val_acc"
@@ -77,18 +84,43 @@ class Search:
     verbose: int = 1
     address: str | None = None
 
+    def experiment(self) -> Experiment:
+        """The one-trial experiment whose settings every trial of the search shares."""
+        trial = dict(self.trial)
+        params = dict(trial.pop("policy_params", None) or {})  # one policy: its own
+        arm = Arm(self.label, self.policy, self.optimizer, lr=self.lr_range[0], params=params)
+        return Experiment(
+            name=self.name,
+            tasks=[self.task],
+            policies=[arm],
+            seeds=[self.seed],
+            trial=trial,
+            task_params={self.task: dict(self.task_params)} if self.task_params else {},
+            budget=self.budget,
+            output=self.output,
+            tracking_uri=self.tracking_uri,
+            max_concurrent=self.max_concurrent,
+            verbose=self.verbose,
+            address=self.address,
+        )
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy}-tuned"
+
     def base_config(self) -> dict[str, Any]:
-        """The trial settings every trial shares, validated (``ValueError``)."""
+        """The trial settings every trial shares, resolved and validated (``ValueError``).
+
+        ``lr`` is left out: the search supplies it.
+        """
         low, high = self.lr_range
         if not (isinstance(low, (int, float)) and isinstance(high, (int, float))):
             raise ValueError(f"lr_range must be two numbers, got {self.lr_range!r}.")
         if not 0 < low < high:
             raise ValueError(f"lr_range must be 0 < low < high, got {self.lr_range!r}.")
         check_int("num_samples", self.num_samples, minimum=2)
-        config = {**dict(self.trial), "task": self.task, "policy": self.policy,
-                  "optimizer": self.optimizer, "seed": self.seed, "lr": low,
-                  "label": f"{self.policy}-tuned"}  # fmt: skip
-        TrialConfig.from_dict(config)  # every setting checked before Ray starts
+        (cell,) = self.experiment().validate()  # every setting checked before Ray starts
+        config = cell.config(self.seed)
         del config["lr"]
         return config
 
@@ -116,25 +148,20 @@ class Tuned:
 
 
 def _run(search: Search, method: str, space: dict[str, Any], tune_config: Any) -> Tuned:
-    import ray
     from ray import tune
 
     import trainables
 
-    from .experiment import trial_folders
-
-    handle = tracking.prepare(
-        search.tracking_uri or tracking.default_tracking_uri(),
-        experiment=search.name,
-        run_name=search.run_name(method),
-        tags={"tune_alr.tasks": search.task, "tune_alr.arms": method},
-    )
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=search.address, include_dashboard=False, configure_logging=False)
-    status = "FAILED"
-    try:
-        storage = (search.output_dir / "ray").resolve()
+    storage = (search.output_dir / "ray").resolve()
+    with (
+        runner.parent_run(
+            search.tracking_uri or tracking.default_tracking_uri(),
+            experiment=search.name,
+            run_name=search.run_name(method),
+            tags={"tune_alr.tasks": search.task, "tune_alr.arms": method},
+        ) as parent,
+        runner.ray_session(search.address),
+    ):
         tuner = tune.Tuner(
             tune.with_resources(trainables.train, {"cpu": 1}),
             param_space=space,
@@ -144,19 +171,16 @@ def _run(search: Search, method: str, space: dict[str, Any], tune_config: Any) -
                 storage_path=str(storage),
                 # PBT restores members from their latest checkpoints: keep a few.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
-                callbacks=[tracking.MLflowTracking(handle)],
+                callbacks=[tracking.MLflowTracking(parent.handle)],
                 verbose=search.verbose,
             ),
         )
         grid = tuner.fit()
         experiment_dir = storage / search.run_name(method)
         records = report.load_trials(experiment_dir, trial_folders(grid))
-        status = "FINISHED"
-    finally:
-        tracking.finish_parent(handle, status)
-        if started:
-            ray.shutdown()
-    return _outcome(search, method, records, experiment_dir, handle.parent_run_id)
+        if all(r.status not in ("finished", "diverged") for r in records):
+            parent.status = "FAILED"
+    return _outcome(search, method, records, experiment_dir, parent.handle.parent_run_id)
 
 
 def _outcome(
@@ -210,9 +234,7 @@ def _own(record: report.TrialRecord, key: str) -> float:
 
 
 def _names() -> dict[str, Any]:
-    from .experiment import _trial_dirname, _trial_name
-
-    return {"trial_name_creator": _trial_name, "trial_dirname_creator": _trial_dirname}
+    return {"trial_name_creator": trial_name, "trial_dirname_creator": trial_dirname}
 
 
 def optuna_search(search: Search) -> Tuned:

@@ -21,10 +21,12 @@ identical LR sequence.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -50,6 +52,36 @@ def check_int(name: str, value: Any, *, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
+# The spellings of a boolean that a config file, a command line or an environment variable
+# may carry; compared after stripping whitespace and lower-casing.
+_TRUE_STRINGS = frozenset({"true", "yes", "1"})
+_FALSE_STRINGS = frozenset({"false", "no", "0"})
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` as a ``bool``, parsed strictly; ``ValueError`` for anything ambiguous.
+
+    Accepts ``True``/``False`` (NumPy's booleans too), the integers 0 and 1, and the
+    strings ``true``/``false``/``yes``/``no``/``1``/``0`` in any case with surrounding
+    whitespace ignored. ``bool(value)`` is not used because it reads the string
+    ``"False"`` (or ``"no"``, or ``"0"``) as true, which silently turns a feature on.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_STRINGS:
+            return True
+        if word in _FALSE_STRINGS:
+            return False
+    raise ValueError(
+        f"{name} must be a boolean: True/False, 0/1 or one of the strings "
+        f"'true', 'false', 'yes', 'no', '1', '0' (any case), got {value!r}."
+    )
+
+
 def check_fraction(name: str, value: float, *, low: float = 0.0, high: float = 1.0) -> None:
     """Raise ``ValueError`` unless ``low < value < high``."""
     if not isinstance(value, (int, float)) or not (low < value < high):
@@ -71,8 +103,6 @@ class Policy(LRScheduler):
             Only policies that use feedback call it; the others ignore it.
     """
 
-    #: Whether this policy calls ``evaluate`` when given one.
-    uses_probe: bool = False
     #: State attributes worth logging besides ``factor`` (see :meth:`diagnostics`).
     diagnostic_keys: tuple[str, ...] = ()
 

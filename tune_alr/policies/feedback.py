@@ -15,7 +15,8 @@ answer to a diverging run. On top of it, and each switchable:
 * ``early_interval``: a faster cadence during the first ``early_steps`` steps.
 * ``guard``: a non-finite training loss, or a signal more than ``divergence_ratio``
   times the previous one, cuts the LR by ``guard_cut`` at once and forbids raising it
-  for ``cooldown`` checks.
+  for ``cooldown`` checks. A raise the cooldown holds back moves nothing, so it does not
+  count in the streak (a later cut takes back only raises actually applied).
 * ``min_factor`` / ``max_factor``: the LR stays within those multiples of its start.
 
 ``build("plan1-literal", ...)`` is this policy with all of them off, so both the plan's
@@ -28,7 +29,7 @@ import math
 
 from torch.optim import Optimizer
 
-from .base import Evaluate, check_fraction, check_int, check_positive
+from .base import Evaluate, check_bool, check_fraction, check_int, check_positive
 from .interval import IntervalPolicy
 
 
@@ -77,6 +78,8 @@ class Feedback(IntervalPolicy):
         threshold: relative improvement of the signal that counts as progress.
             Default 0.01 (plan 1: 1%).
         accelerate: compound consecutive same-direction decisions. Default True.
+            Booleans are parsed strictly (see :func:`~tune_alr.policies.base.check_bool`):
+            the string ``"False"`` is false, ``"nope"`` an error.
         max_streak: cap on the compounding power. Default 5 (at most x1.61 / x0.59
             per check).
         early_interval: check spacing during the first ``early_steps`` steps, or
@@ -87,6 +90,8 @@ class Feedback(IntervalPolicy):
             divergence. Default 2.0.
         guard_cut: LR multiplier when the guard trips, in (0, 1). Default 0.5.
         cooldown: checks after a trip during which the LR is not raised. Default 2.
+            A withheld raise counts as no decision: it ends the current streak, and
+            the next raise or cut starts a new one.
         min_factor, max_factor: bounds on the LR as multiples of the initial LR.
             Defaults 1e-3 and 100. Use 0 and ``math.inf`` to disable.
     """
@@ -127,9 +132,9 @@ class Feedback(IntervalPolicy):
             raise ValueError(f"min_factor must be <= 1, got {min_factor!r}.")
         self.adjust = factor
         self.threshold = threshold
-        self.accelerate = bool(accelerate)
+        self.accelerate = check_bool("accelerate", accelerate)
         self.max_streak = max_streak
-        self.guard = bool(guard)
+        self.guard = check_bool("guard", guard)
         self.divergence_ratio = float(divergence_ratio)
         self.guard_cut = guard_cut
         self.cooldown = cooldown
@@ -184,7 +189,11 @@ class Feedback(IntervalPolicy):
         )
         if self.cooldown_left > 0:
             self.cooldown_left -= 1
-            multiplier = min(1.0, multiplier)
+            if multiplier > 1.0:
+                # The raise is withheld, so it must not count as one: the streak is what
+                # the bold-driver retreat takes back, and it may only take back raises
+                # that were applied. A withheld check moved nothing, so no streak runs on.
+                multiplier, self.streak = 1.0, 0
         return self._clamp(self.factor * multiplier)
 
 

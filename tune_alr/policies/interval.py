@@ -28,7 +28,6 @@ class IntervalPolicy(Policy):
         early_steps: how long the early cadence lasts, in optimizer steps.
     """
 
-    uses_probe = True
     diagnostic_keys: tuple[str, ...] = ("checks", "last_signal")
 
     def __init__(

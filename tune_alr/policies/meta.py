@@ -24,19 +24,21 @@ Initialised to behave as a constant LR (the output layer starts at zero). Guards
   shifts the target so that the controller settles where consecutive updates are
   slightly anti-aligned (cosine = ``optimism``) rather than exactly orthogonal, and
   ``min_factor`` floors the LR;
-* divergence: a non-finite loss or one above ``divergence_ratio`` times its slow EMA
-  halves the LR at once (``guard_cut``).
+* divergence: a non-finite loss, one above ``divergence_ratio`` times its slow EMA, or
+  a non-finite gradient alignment halves the LR at once (``guard_cut``). Without a loss
+  only the last applies.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from torch.optim import Optimizer
 
 from .base import Evaluate, Policy, check_fraction, check_int, check_positive
-from .hypergrad import observe_update, snapshot
+from .hypergrad import observe_update, restore_buffers, snapshot
 
 FEATURE_NAMES = ("log_lr_decades", "loss_trend", "grad_norm_ratio", "cos_ema", "cos")
 N_FEATURES = len(FEATURE_NAMES)
@@ -118,7 +120,15 @@ class Meta(Policy):
 
     Keeps two copies of the parameters (the last update and the parameters before it)
     and the controller (85 weights and their Adam moments), all plain attributes, so the
-    generic ``state_dict`` holds everything a resumed run needs.
+    generic ``state_dict`` holds everything a resumed run needs. On ``load_state_dict``
+    the copies move to the device and dtype of the optimizer's parameters.
+
+    The loss is optional (``step()`` or ``step(None)``). Without one the policy still
+    reads the gradient and its alignment with the last update, so the controller keeps
+    deciding and learning from the hypergradient; the loss features (the loss EMAs and
+    so the loss trend) hold their last values (a trend of 0 if no loss was ever given),
+    and the loss-based divergence check is skipped. A non-finite gradient alignment
+    still trips the guard, with or without a loss.
 
     Args:
         meta_lr: the controller's Adam LR. Default 1e-4 (plan 2).
@@ -218,13 +228,22 @@ class Meta(Policy):
         out.update({f"feature/{n}": v for n, v in zip(FEATURE_NAMES, self.features, strict=True)})
         return out
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state; the parameter copies move to the parameters' device/dtype."""
+        super().load_state_dict(state_dict)
+        self.previous, self.update = restore_buffers(self.optimizer, self.previous, self.update)
+
     def _clamp(self, factor: float) -> float:
         return min(self.max_factor, max(self.min_factor, factor))
 
-    def _features(self, loss: float, grad_norm: float) -> list[float]:
-        self.loss_fast = _ema(self.loss_fast, loss, 0.9)
-        self.loss_slow = _ema(self.loss_slow, loss, 0.99)
-        trend = (self.loss_fast - self.loss_slow) / (abs(self.loss_slow) + 1e-12)
+    def _features(self, loss: float | None, grad_norm: float) -> list[float]:
+        if loss is not None:
+            self.loss_fast = _ema(self.loss_fast, loss, 0.9)
+            self.loss_slow = _ema(self.loss_slow, loss, 0.99)
+        # Without a loss the EMAs hold, and so does the trend computed from them.
+        trend = 0.0
+        if self.loss_fast is not None and self.loss_slow is not None:
+            trend = (self.loss_fast - self.loss_slow) / (abs(self.loss_slow) + 1e-12)
         self.grad_norm_ema = _ema(self.grad_norm_ema, grad_norm, 0.99)
         grad_ratio = math.log((grad_norm + 1e-12) / (self.grad_norm_ema + 1e-12))
         self.cos_ema = 0.9 * self.cos_ema + 0.1 * self.cos
@@ -258,9 +277,13 @@ class Meta(Policy):
         if self.last_epoch == 0:
             return self.factor
         alignment = observe_update(self.optimizer, self.previous, self.update)
-        if loss is None or not math.isfinite(loss) or not math.isfinite(alignment.dot):
+        if not math.isfinite(alignment.dot):
             return self._trip()
-        if self.loss_slow is not None and loss > self.divergence_ratio * self.loss_slow:
+        # The loss is optional: no loss is no evidence of divergence, only a bad one is.
+        if loss is not None and (
+            not math.isfinite(loss)
+            or (self.loss_slow is not None and loss > self.divergence_ratio * self.loss_slow)
+        ):
             return self._trip()
         self.cos = alignment.cos
         if len(self.pending) == 2:

@@ -1,0 +1,263 @@
+"""Running experiments: the Ray lifecycle and the MLflow parent run, shared by every job.
+
+    results = tune_alr.run(exp)            # validate, start Ray, fit, collect
+    results = tune_alr.resume("results/demo/ray/demo")
+
+``run``, ``resume``, ``bench`` and the tuned searches (``tune_alr.tuning``) all go
+through the same two context managers:
+
+* :func:`ray_session` starts Ray on this machine (bound to 127.0.0.1, with Ray's own
+  authentication settings left as the user has them) or joins the cluster at
+  ``address``, and shuts down only a Ray it started;
+* :func:`parent_run` creates (or reopens) the MLflow parent run in the driver before
+  any trial starts, and always closes it with the status the run earned: ``FINISHED``,
+  or ``FAILED`` when the run raised or every trial failed. A failure to close it is a
+  warning, so a tracking error never hides a training error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import storage, tracking
+from .experiment import Experiment
+from .results import Results, collect, summary_files, trial_folders
+from .tuner import build_tuner, param_space
+
+#: The address a Ray started here binds to: this machine only.
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, node_resource: str | None = None) -> Iterator[bool]:
+    """Ray for the duration of the block; yields whether this call started it.
+
+    Uses a Ray that is already initialised as it is. Otherwise joins ``address`` (a
+    cluster) or starts Ray here on the loopback address, so that no other machine can
+    reach its ports. ``node_resource``: a custom resource this machine then offers (a
+    node type the trials ask for).
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    if address is None:
+        ray.init(
+            _node_ip_address=LOOPBACK,
+            include_dashboard=False,
+            configure_logging=False,
+            resources={node_resource: 1.0} if node_resource else None,
+        )
+    else:
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+
+
+@dataclass
+class Parent:
+    """The MLflow parent run of one job; ``status`` is what it will be closed with."""
+
+    handle: tracking.Handle
+    output: Path | None = None
+    status: str = "FINISHED"
+    files: list[Path] = field(default_factory=list)
+
+
+def close_parent(handle: tracking.Handle | None, status: str, files: list[Path]) -> None:
+    """End the MLflow parent run with ``files`` attached; a failure only warns.
+
+    Tracking must not hide the job's own outcome: whatever went wrong with the store is
+    said (credentials redacted) and the job's exception, if any, propagates.
+    """
+    if handle is None:
+        return
+    try:
+        tracking.finish_parent(handle, status, files)
+    except Exception as err:
+        warnings.warn(
+            f"could not close the MLflow parent run {handle.parent_run_id} at "
+            f"{tracking.redact(handle.tracking_uri)}: {type(err).__name__}: "
+            f"{tracking.redact_text(str(err), handle.tracking_uri)}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+@contextlib.contextmanager
+def parent_run(
+    uri: str,
+    *,
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    reopen: tracking.Handle | None = None,
+    output: Path | None = None,
+) -> Iterator[Parent]:
+    """Create (or ``reopen``) the MLflow parent run; close it however the block ends.
+
+    The status is ``FAILED`` when the block raises, else ``parent.status`` (which the
+    block may set). The summary files of ``output`` (when given) are attached on close.
+    """
+    if reopen is not None:
+        tracking.reopen_parent(reopen)
+        handle = reopen
+    else:
+        handle = tracking.prepare(uri, experiment=experiment, run_name=run_name, tags=tags)
+    parent = Parent(handle, output=output)
+    try:
+        yield parent
+    except BaseException:
+        parent.status = "FAILED"
+        raise
+    finally:
+        files = parent.files or (summary_files(output) if output is not None else [])
+        close_parent(handle, parent.status, files)
+
+
+def check_fits(
+    resources: Mapping[str, float], cluster: Mapping[str, float], *, strict: bool
+) -> None:
+    """Raise ``ValueError`` (``strict``) or warn when no trial could ever be placed.
+
+    Ray would otherwise keep such trials pending forever. On a cluster that may scale
+    up (``strict=False``) the resources may still come, so it only warns.
+    """
+    names = {"cpu": "CPU", "gpu": "GPU"}
+    short = []
+    for key, amount in resources.items():
+        have = float(cluster.get(names.get(key, key), 0.0))
+        if amount > have + 1e-9:
+            if key == "memory":
+                short.append(f"memory {amount / 2**20:.0f} MiB (Ray has {have / 2**20:.0f} MiB)")
+            else:
+                short.append(f"{names.get(key, key)} {amount:g} (Ray has {have:g})")
+    if not short:
+        return
+    message = (
+        f"a trial asks for {', '.join(short)}: no trial could start. Use a smaller profile, "
+        "fewer cpus/gpus per trial, or a cluster whose node types offer these resources "
+        "(see cluster/README.md)."
+    )
+    if strict:
+        raise ValueError(message)
+    warnings.warn(message + " Waiting for the cluster to scale up.", RuntimeWarning, stacklevel=2)
+
+
+def _fit(exp: Experiment, tuner: Any, parent: Parent) -> Results:
+    """Run ``tuner`` (the driver's system metrics logged meanwhile), collect its trials."""
+    with tracking.system_metrics(parent.handle):
+        grid = tuner.fit()
+    results = collect(
+        exp,
+        storage.local_copy(exp, grid.experiment_path),
+        parent.handle.parent_run_id,
+        trial_folders(grid),
+    )
+    if results.all_failed:
+        parent.status = "FAILED"
+    return results
+
+
+def _tags(exp: Experiment) -> dict[str, str]:
+    return {
+        "tune_alr.tasks": ",".join(exp.tasks),
+        "tune_alr.arms": ",".join(a.label for a in exp.arms),
+    }
+
+
+def run(exp: Experiment) -> Results:
+    """Validate ``exp``, run it on Ray Tune with MLflow tracking, and write its summaries.
+
+    Every check that can fail deterministically runs first, before Ray starts.
+    Returns the :class:`~tune_alr.results.Results`; ``summary()`` gives one row per
+    (task, arm).
+    """
+    cells = exp.validate()
+    import ray
+
+    # Ray snapshots the experiment state whenever a trial has written num_to_keep
+    # checkpoints; with a report (and checkpoint) every few seconds that is expected
+    # here, cheap for these small states, and its warning would flood the progress.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    resources = exp.ray_resources()
+    with (
+        parent_run(
+            exp.uri, experiment=exp.name, run_name=exp.name, tags=_tags(exp),
+            output=exp.output_dir,
+        ) as parent,
+        ray_session(exp.address, exp.node_type_resource) as started,
+    ):  # fmt: skip
+        check_fits(resources, ray.cluster_resources(), strict=started and not exp.address)
+        storage.write_spec(exp, parent.handle)
+        return _fit(exp, build_tuner(exp, parent.handle, cells), parent)
+
+
+def read_spec(path: str | os.PathLike[str]) -> tuple[Experiment, tracking.Handle | None]:
+    """The Experiment and MLflow handle that :func:`run` saved in its Ray Tune folder."""
+    fields, handle = storage.read_spec(_location(path))
+    return Experiment.from_dict(fields), handle
+
+
+def _location(path: str | os.PathLike[str]) -> str:
+    """A storage URI as it is; a folder made absolute (Ray Tune needs absolute paths)."""
+    text = os.fspath(path)
+    return text if "://" in text else str(Path(text).resolve())
+
+
+def resume(path: str | os.PathLike[str]) -> Results:
+    """Finish an interrupted experiment from its Ray Tune folder (``Tuner.restore``).
+
+    Trials that finished are kept as they are; unfinished and errored ones continue from
+    their last checkpoints; MLflow logging continues in the same parent and child runs.
+    Ray Tune's run settings (progress output included) are those of the first run.
+    Raises ``ValueError`` if ``path`` is not an experiment folder ``run`` wrote.
+    """
+    from ray import tune
+
+    import trainables
+
+    location = _location(path)
+    exp, handle = read_spec(location)
+    if not tune.Tuner.can_restore(location):
+        raise ValueError(f"Ray Tune cannot restore {os.fspath(path)!r} (no experiment state).")
+    cells = exp.validate()
+    with (
+        parent_run(
+            exp.uri, experiment=exp.name, run_name=exp.name, tags=_tags(exp),
+            reopen=handle, output=exp.output_dir,
+        ) as parent,
+        ray_session(exp.address, exp.node_type_resource),
+    ):  # fmt: skip
+        tuner = tune.Tuner.restore(
+            location,
+            trainable=tune.with_resources(trainables.train, exp.ray_resources()),
+            # Trials not started yet hold placeholders for the looked-up settings,
+            # which only a re-given param space fills.
+            param_space=param_space(exp, cells),
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+        return _fit(exp, tuner, parent)
+
+
+__all__ = [
+    "LOOPBACK",
+    "Parent",
+    "check_fits",
+    "close_parent",
+    "parent_run",
+    "ray_session",
+    "read_spec",
+    "resume",
+    "run",
+]

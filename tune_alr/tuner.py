@@ -1,0 +1,98 @@
+"""The Ray Tune side of an experiment: its param space and its ``Tuner``.
+
+The param space is a grid over task, arm label and seed; every other setting of a
+trial is looked up from its (task, arm) cell, resolved completely by
+:mod:`tune_alr.settings`, so a trial never fills in a default of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import tracking
+
+if TYPE_CHECKING:
+    from .experiment import Experiment
+    from .settings import Cell
+
+
+def trial_name(trial: Any) -> str:
+    """``<task>_<arm>_seed<k>``: the trial's name in Ray Tune's tables."""
+    c = trial.config
+    return f"{c['task']}_{c.get('label') or c['policy']}_seed{c['seed']}"
+
+
+def trial_dirname(trial: Any) -> str:
+    """The trial's folder: its name and Ray Tune's trial id (unique per run)."""
+    return f"{trial_name(trial)}_{trial.trial_id}"
+
+
+def _lookup(table: Mapping[tuple[str, str], Mapping[str, Any]], key: str) -> Callable[..., Any]:
+    """A ``sample_from`` function: the ``key`` setting of the trial's (task, label) cell."""
+
+    def sample(config: Any) -> Any:
+        return table[(config["task"], config["label"])][key]
+
+    return sample
+
+
+def param_space(exp: Experiment, cells: Sequence[Cell] | None = None) -> dict[str, Any]:
+    """The Tuner's param space: a grid over task, arm and seed; the rest looked up.
+
+    A setting the same in every cell is given as it is (Ray's tables show it plainly);
+    one that differs between cells is looked up from the trial's cell.
+    """
+    from ray import tune
+
+    cells = list(cells) if cells is not None else exp.validate()
+    table = {(c.task, c.label): c.settings for c in cells}
+    keys = sorted({k for c in cells for k in c.settings} - {"task", "label"})
+    space: dict[str, Any] = {
+        "task": tune.grid_search(list(dict.fromkeys(c.task for c in cells))),
+        "label": tune.grid_search(list(dict.fromkeys(c.label for c in cells))),
+        "seed": tune.grid_search(exp.seed_list),
+    }
+    for key in keys:
+        values = [c.settings[key] for c in cells]
+        if all(v == values[0] for v in values[1:]):
+            space[key] = values[0]
+        else:
+            space[key] = tune.sample_from(_lookup(table, key))
+    return space
+
+
+def build_tuner(
+    exp: Experiment, handle: tracking.Handle | None, cells: Sequence[Cell] | None = None
+) -> Any:
+    """The Ray Tune ``Tuner`` for ``exp`` (Ray must be initialised)."""
+    from ray import tune
+
+    import trainables
+
+    space = param_space(exp, cells)
+    callbacks: list[tune.Callback] = [tracking.MLflowTracking(handle)] if handle else []
+    return tune.Tuner(
+        tune.with_resources(trainables.train, exp.ray_resources()),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            num_samples=1,
+            max_concurrent_trials=exp.max_concurrent,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_dirname,
+            # A worker process per trial costs seconds of start-up and imports; reusing
+            # it between trials with the same resources halves short experiments.
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=exp.name,
+            storage_path=exp.storage_path,
+            failure_config=tune.FailureConfig(max_failures=exp.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+            callbacks=callbacks,
+            verbose=exp.verbose,
+        ),
+    )
+
+
+__all__ = ["build_tuner", "param_space", "trial_dirname", "trial_name"]
