@@ -8,7 +8,6 @@ SHARED_DATA := $(abspath ../shared/data)
 # Tests and the demo never reach the Hugging Face hub, and keep Ray's files local.
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
-export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 

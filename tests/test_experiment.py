@@ -138,6 +138,22 @@ def test_report_rebuilds_the_summary_from_the_folder(finished, tmp_path: Path, c
         (["run", "--profile", "edge", "--cpus-per-trial", "2"], "either profile= or"),
         (["run", "--cpus-per-trial", "-1"], "cpus_per_trial must be a finite number >= 0"),
         (["run", "--cpus-per-trial", "nan"], "cpus_per_trial must be a finite number >= 0"),
+        (["run", "--profile", "cpus=nan"], "profile cpus must be a finite number >= 0, got nan"),
+        (["run", "--profile", "edge,memory_mb=nan"], "profile memory_mb must be a number of"),
+        (
+            ["run", "--policies", "meta", "--policy-param", "meta.hidden=1000000000000"],
+            "hidden must be at most 4096",
+        ),
+        (["run", "--name", "two\nlines"], "no control characters"),
+        (["run", "--tracking-uri", "sqlite:///a_folder/"], "names no database file"),
+        (
+            ["run", "--tracking-uri", "sqlite:///corrupt.db"],
+            "the tracking store sqlite:///corrupt.db cannot be used: ",
+        ),
+        (
+            ["run", "--tracking-uri", "http://alice:s3cret@127.0.0.1:9"],
+            "the tracking store http://127.0.0.1:9 is unreachable",
+        ),
         (["run", "--node-type", "GPU"], "must name a custom Ray resource"),
         (["run", "--seeds", "-2"], "seeds must be a count from 1 to 10000"),
         (["run", "--storage", "ftp://x/y"], "has scheme 'ftp'; accepted: s3"),
@@ -156,9 +172,16 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, tmp_path, 
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("keep me")
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "corrupt.db").write_bytes(b"this is not an sqlite database " * 64)
     for name, table in (
         ("nocols", pa.table({"pixels": [[0] * 784], "label": [1]})),
-        ("badlabels", pa.table({"image": [[0] * 784] * 3, "label": [0, 12, 1]})),
+        (
+            "badlabels",
+            pa.table(
+                {"image": pa.array([[0] * 784] * 3, pa.list_(pa.uint8())), "label": [0, 12, 1]}
+            ),
+        ),
     ):
         (tmp_path / name / "mnist").mkdir(parents=True)
         pq.write_table(table, tmp_path / name / "mnist" / "train.parquet")
@@ -168,6 +191,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, tmp_path, 
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tune-alr: error: ") and fragment in err and "\n" not in err
+    assert "s3cret" not in err
     assert sorted(os.listdir(tmp_path)) == before  # nothing written, Ray never started
     assert (tmp_path / "a_file").read_text() == "keep me"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tune_alr import runner, tracking
+from tune_alr import credentials, runner, tracking
 
 
 def _status(uri: str, run_id: str) -> str:
@@ -50,7 +50,8 @@ def test_a_tracking_failure_on_close_never_hides_the_training_error(
 def test_a_close_failure_after_success_only_warns_and_hides_the_password(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    handle = tracking.Handle("http://alice:s3cret@127.0.0.1:9", "0", "run")
+    public = credentials.register("http://alice:s3cret@127.0.0.1:9")
+    handle = tracking.Handle(public, "0", "run")
 
     def refused(*args: object, **kwargs: object) -> None:
         raise ConnectionError("refused by http://alice:s3cret@127.0.0.1:9")

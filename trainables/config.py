@@ -130,8 +130,15 @@ class TrialConfig:
             raise ValueError(
                 f"target must be a validation accuracy in (0, 1], got {self.target!r}."
             )
-        if self.label is not None and (not isinstance(self.label, str) or "/" in self.label):
-            raise ValueError(f"label must be a name without '/', got {self.label!r}.")
+        if self.label is not None and (
+            not isinstance(self.label, str)
+            or not self.label
+            or "/" in self.label
+            or not self.label.isprintable()
+        ):
+            raise ValueError(
+                f"label must be a name without '/' or control characters, got {self.label!r}."
+            )
         check_int("val_size", self.val_size, minimum=1)
         if self.test_size is not None:
             check_int("test_size", self.test_size, minimum=1)

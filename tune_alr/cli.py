@@ -200,6 +200,11 @@ def parser() -> argparse.ArgumentParser:
 
     res = sub.add_parser("resume", help="finish an interrupted experiment (unfinished trials only)")
     res.add_argument("directory", help="its Ray Tune folder (e.g. results/demo/ray/demo)")
+    res.add_argument(
+        "--tracking-uri",
+        help="the experiment's MLflow store again, with its credentials (the saved spec "
+        "keeps none; MLFLOW_TRACKING_USERNAME/PASSWORD work too)",
+    )
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the project's store")
     ui.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///./mlflow.db)")
@@ -245,7 +250,7 @@ def _run(exp: Any) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from .runner import resume
 
-    results = resume(args.directory)
+    results = resume(args.directory, tracking_uri=args.tracking_uri)
     return _print_results(results.experiment, results)
 
 
@@ -317,34 +322,58 @@ def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        if args.command == "demo":
-            return _run(_experiment(args, tasks=["digits"], policies=list(DEMO_POLICIES)))
-        if args.command == "run":
-            return _run(_experiment(args, **_run_fields(args)))
-        if args.command == "bench":
-            return _bench(args)
-        if args.command == "report":
-            return _report(args)
-        if args.command == "resume":
-            return _resume(args)
-        if args.command == "ui":
-            return _ui(args)
-        if args.command == "list":
-            return _list()
-        if args.command == "check-cluster":
-            from .clusterfile import check
+    """Run the command; bad input exits 2 with one line, another failure 1.
 
-            config = check(args.file)
-            types = ", ".join(sorted(config.get("available_node_types", {})))
-            print(
-                f"{args.file}: valid ({config['provider']['type']} provider; node types: {types})"
-            )
-            return 0
-    except ValueError as err:
-        print(f"tune-alr: error: {err}", file=sys.stderr)
-        return 2
+    A tracking URI's secrets are known from the start: nothing this process prints
+    shows them (``tune_alr.credentials``), tracebacks included, and Ray, which records
+    the driver's command line, sees it with the secret masked.
+    """
+    from . import credentials
+
+    args = parser().parse_args(argv)
+    uri = getattr(args, "tracking_uri", None)
+    if isinstance(uri, str):
+        credentials.register_secrets(uri)
+        sys.argv = [credentials.scrub(a) for a in sys.argv]
+    with credentials.scrubbed_output():
+        try:
+            return _dispatch(args)
+        except ValueError as err:
+            print(f"tune-alr: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("tune-alr: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:
+            import traceback
+
+            traceback.print_exc()
+            print(f"tune-alr: error: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        return _run(_experiment(args, tasks=["digits"], policies=list(DEMO_POLICIES)))
+    if args.command == "run":
+        return _run(_experiment(args, **_run_fields(args)))
+    if args.command == "bench":
+        return _bench(args)
+    if args.command == "report":
+        return _report(args)
+    if args.command == "resume":
+        return _resume(args)
+    if args.command == "ui":
+        return _ui(args)
+    if args.command == "list":
+        return _list()
+    if args.command == "check-cluster":
+        from .clusterfile import check
+
+        config = check(args.file)
+        types = ", ".join(sorted(config.get("available_node_types", {})))
+        print(f"{args.file}: valid ({config['provider']['type']} provider; node types: {types})")
+        return 0
     return 2
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from trainables.config import TrialConfig
 
-from . import hardware, optimizers, settings, storage, tracking
+from . import credentials, hardware, optimizers, settings, storage, tracking
 
 #: More seeds than this is a typo, not an experiment (each seed is a trial per arm).
 MAX_SEEDS = 10_000
@@ -320,6 +320,7 @@ class Experiment:
             raise ValueError(f"max_failures must be an integer >= 0, got {self.max_failures!r}.")
         tracking.check_tracking_uri(self.uri)
         storage.check_storage(self)
+        tracking.check_store(self.uri)  # last: it may wait for a server to answer
         return cells
 
     # -- the spec as plain data (saved beside Ray Tune's files, for resume) ------------
@@ -332,6 +333,9 @@ class Experiment:
         ]
         if isinstance(self.profile, hardware.Profile):
             fields["profile"] = self.profile.to_dict()
+        # The store's public form only: credentials never reach a file (credentials.py).
+        if self.tracking_uri is not None:
+            fields["tracking_uri"] = credentials.public_uri(self.tracking_uri)
         fields["output"] = str(self.output_dir.resolve())
         if not self.storage_is_uri:
             fields["storage"] = str(self.storage_dir.resolve())

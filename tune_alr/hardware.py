@@ -75,15 +75,22 @@ class Profile:
             raise ValueError(
                 f"profile name must be a non-empty name without '/', got {self.name!r}."
             )
-        for key, minimum in (("cpus", 0.0), ("gpus", 0.0)):
+        for key in ("cpus", "gpus"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-                raise ValueError(f"profile {key} must be a number >= 0, got {value!r}.")
+            # ``not value >= 0`` is also true of NaN, which every comparison lets through
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not value >= 0
+            ):
+                raise ValueError(f"profile {key} must be a finite number >= 0, got {value!r}.")
         if self.cpus == 0 and self.gpus == 0:
             raise ValueError(f"profile {self.name!r} needs cpus > 0 or gpus > 0.")
         if self.memory_mb is not None and (
             isinstance(self.memory_mb, bool)
             or not isinstance(self.memory_mb, (int, float))
+            or not math.isfinite(self.memory_mb)
             or not self.memory_mb > 0
         ):
             raise ValueError(
@@ -99,7 +106,7 @@ class Profile:
         if fraction is not None and (
             isinstance(fraction, bool)
             or not isinstance(fraction, (int, float))
-            or not 0 < fraction <= 1
+            or not 0 < fraction <= 1  # false for NaN too
         ):
             raise ValueError(f"profile gpu_memory_fraction must be in (0, 1], got {fraction!r}.")
         if self.node_type is not None and (

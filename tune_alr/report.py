@@ -85,9 +85,12 @@ class TrialRecord:
 
     @property
     def status(self) -> str:
-        if self.results and self.results[-1].get("status") in ("finished", "diverged"):
-            return str(self.results[-1]["status"])
-        return "failed" if self.error else "incomplete"
+        """``finished``, ``diverged``, ``failed`` (an error, retried or not) or
+        ``incomplete`` (stopped before its end, e.g. an interrupted run)."""
+        last = self.results[-1] if self.results else {}
+        if last.get("status") in ("finished", "diverged"):
+            return str(last["status"])
+        return "failed" if self.error or last.get("status") == "failed" else "incomplete"
 
     def lr_path(self) -> tuple[list[int], list[float]]:
         """Steps and LR at every optimizer step, from the reports' ``lr_trace``."""
@@ -187,7 +190,8 @@ def trials_frame(records: Iterable[TrialRecord]) -> pd.DataFrame:
                 ),
                 "policy_ms_per_step": last.get("policy_ms_per_step", math.nan),
                 "diverged_reason": last.get("diverged_reason", ""),
-                "error": (record.error or "").strip().splitlines()[-1:] or "",
+                "error": (record.error or str(last.get("error", ""))).strip().splitlines()[-1:]
+                or "",
             }
         )
     frame = pd.DataFrame(rows)

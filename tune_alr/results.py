@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from . import report
+from . import credentials, report
 
 if TYPE_CHECKING:
     from .experiment import Experiment
@@ -70,7 +70,7 @@ def collect(
         experiment=exp,
         experiment_dir=experiment_dir,
         output_dir=exp.output_dir,
-        tracking_uri=exp.uri,
+        tracking_uri=credentials.public_uri(exp.uri),
         parent_run_id=parent_run_id,
         files=files,
         records=records,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import storage, tracking
+from . import credentials, storage, tracking
 from .experiment import Experiment
 from .results import Results, collect, summary_files, trial_folders
 from .tuner import build_tuner, param_space
@@ -34,33 +34,79 @@ from .tuner import build_tuner, param_space
 LOOPBACK = "127.0.0.1"
 
 
+#: Ray's switch for a one-machine node: with it off, Ray takes the loopback address as
+#: the node's address (as it does on macOS and Windows) and every server it starts (GCS,
+#: raylet, workers, agents) listens there only. Read by Ray when it resolves addresses.
+_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 @contextlib.contextmanager
-def ray_session(address: str | None = None, node_resource: str | None = None) -> Iterator[bool]:
+def _loopback_only() -> Iterator[None]:
+    """Make a Ray started in this block bind 127.0.0.1 only; restore the setting after.
+
+    Ray resolves ``127.0.0.1`` given as the node address to the machine's main interface
+    (so that other nodes could join), and its servers then listen on every interface.
+    For a Ray that is this machine alone, the cluster switch is turned off for the
+    processes it starts (through the environment they inherit) and for this driver
+    (Ray reads the constant at import, so the imported one is set too).
+    """
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(_CLUSTER_SWITCH)
+    saved_constant = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_CLUSTER_SWITCH] = "0"
+    if saved_constant is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop(_CLUSTER_SWITCH, None)
+        else:
+            os.environ[_CLUSTER_SWITCH] = saved_env
+        if saved_constant is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+
+
+@contextlib.contextmanager
+def ray_session(
+    address: str | None = None, node_resource: str | None = None, **init_kwargs: Any
+) -> Iterator[bool]:
     """Ray for the duration of the block; yields whether this call started it.
 
     Uses a Ray that is already initialised as it is. Otherwise joins ``address`` (a
-    cluster) or starts Ray here on the loopback address, so that no other machine can
-    reach its ports. ``node_resource``: a custom resource this machine then offers (a
-    node type the trials ask for).
+    cluster) or starts Ray here bound to the loopback address only, so that no other
+    machine can reach its ports (Ray's token authentication stays as the user has it).
+    ``node_resource``: a custom resource this machine then offers (a node type the
+    trials ask for). ``init_kwargs`` go to ``ray.init`` (e.g. ``num_cpus``).
     """
     import ray
 
     if ray.is_initialized():
         yield False
         return
-    if address is None:
+    options: dict[str, Any] = {
+        "include_dashboard": False,
+        "configure_logging": False,
+        **init_kwargs,
+    }
+    if address is not None:
+        ray.init(address=address, **options)
+        try:
+            yield True
+        finally:
+            ray.shutdown()
+        return
+    with _loopback_only():
         ray.init(
             _node_ip_address=LOOPBACK,
-            include_dashboard=False,
-            configure_logging=False,
             resources={node_resource: 1.0} if node_resource else None,
+            **options,
         )
-    else:
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
-    try:
-        yield True
-    finally:
-        ray.shutdown()
+        try:
+            yield True
+        finally:
+            ray.shutdown()
 
 
 @dataclass
@@ -86,8 +132,7 @@ def close_parent(handle: tracking.Handle | None, status: str, files: list[Path])
     except Exception as err:
         warnings.warn(
             f"could not close the MLflow parent run {handle.parent_run_id} at "
-            f"{tracking.redact(handle.tracking_uri)}: {type(err).__name__}: "
-            f"{tracking.redact_text(str(err), handle.tracking_uri)}",
+            f"{handle.tracking_uri}: {type(err).__name__}: {credentials.scrub(str(err))}",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -182,6 +227,11 @@ def run(exp: Experiment) -> Results:
     Returns the :class:`~tune_alr.results.Results`; ``summary()`` gives one row per
     (task, arm).
     """
+    with credentials.scrubbed_output():
+        return _run(exp)
+
+
+def _run(exp: Experiment) -> Results:
     cells = exp.validate()
     import ray
 
@@ -191,6 +241,7 @@ def run(exp: Experiment) -> Results:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     resources = exp.ray_resources()
     with (
+        storage.exclusive(exp),
         parent_run(
             exp.uri, experiment=exp.name, run_name=exp.name, tags=_tags(exp),
             output=exp.output_dir,
@@ -214,24 +265,46 @@ def _location(path: str | os.PathLike[str]) -> str:
     return text if "://" in text else str(Path(text).resolve())
 
 
-def resume(path: str | os.PathLike[str]) -> Results:
+def resume(path: str | os.PathLike[str], tracking_uri: str | None = None) -> Results:
     """Finish an interrupted experiment from its Ray Tune folder (``Tuner.restore``).
 
     Trials that finished are kept as they are; unfinished and errored ones continue from
     their last checkpoints; MLflow logging continues in the same parent and child runs.
     Ray Tune's run settings (progress output included) are those of the first run.
+
+    The saved spec holds the tracking store without its credentials: give them as
+    ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` (HTTP stores), or give the store's full
+    URI again as ``tracking_uri`` (it must be the same store).
+
     Raises ``ValueError`` if ``path`` is not an experiment folder ``run`` wrote.
     """
+    with credentials.scrubbed_output():
+        return _resume(path, tracking_uri)
+
+
+def _resume(path: str | os.PathLike[str], tracking_uri: str | None) -> Results:
+    import dataclasses
+
     from ray import tune
 
     import trainables
 
     location = _location(path)
     exp, handle = read_spec(location)
+    if tracking_uri is not None:
+        public = credentials.public_uri(tracking_uri)
+        if public != credentials.public_uri(exp.uri):
+            raise ValueError(
+                f"--tracking-uri {public} is not the store this experiment logs to "
+                f"({credentials.public_uri(exp.uri)})."
+            )
+        exp = dataclasses.replace(exp, tracking_uri=tracking_uri)
+        credentials.register(tracking_uri)
     if not tune.Tuner.can_restore(location):
         raise ValueError(f"Ray Tune cannot restore {os.fspath(path)!r} (no experiment state).")
     cells = exp.validate()
     with (
+        storage.exclusive(exp),
         parent_run(
             exp.uri, experiment=exp.name, run_name=exp.name, tags=_tags(exp),
             reopen=handle, output=exp.output_dir,

@@ -8,9 +8,10 @@ and copies a URI storage back to the output folder to build the tables.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,40 @@ def check_local_data(cells: Sequence[Cell]) -> None:
             continue
         seen.add((cell.task, data_dir))
         hub.check_local(hub.SOURCES[cell.task], data_dir)
+
+
+@contextlib.contextmanager
+def exclusive(exp: Experiment) -> Iterator[None]:
+    """Hold the experiment's folders for one run; a second run at once is refused.
+
+    Two runs under one name into one output folder would share Ray Tune's experiment
+    folder, its saved spec and the summary files. The output folder, and a local
+    storage folder, are locked (``flock`` on the folders themselves: nothing is left
+    behind, and a killed run's lock goes with its process); a run that finds one held
+    raises ``ValueError`` at once, naming the folder.
+    """
+    import fcntl
+
+    folders = [exp.output_dir]
+    if not exp.storage_is_uri:
+        folders.append(exp.storage_dir / exp.name)
+    held: list[int] = []
+    try:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder, os.O_RDONLY)
+            held.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(
+                    f"another run of experiment {exp.name!r} is using {str(folder)!r} right "
+                    "now; give this one another --name or --output, or wait for it to end."
+                ) from None
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)  # closing releases the lock
 
 
 def _filesystem(location: str) -> tuple[Any, str]:
@@ -126,6 +161,7 @@ __all__ = [
     "check_local_data",
     "check_storage",
     "check_writable",
+    "exclusive",
     "local_copy",
     "read_spec",
     "write_spec",

@@ -35,10 +35,13 @@ from urllib.parse import urlparse
 
 from ray import tune
 
+from . import credentials
+
 log = logging.getLogger(__name__)
 
 TRIAL_TAG = "tune_alr.trial_id"
 STATUS_TAG = "tune_alr.status"
+ERROR_TAG = "tune_alr.error"
 _BATCH = 500  # MLflow accepts at most 1000 metrics per log_batch
 # "lr" in a report is the LR after its last step; the trace already holds one per step.
 _SKIP_METRICS = {"lr", "lr_trace", "lr_trace_start", "status", "config", "data_notes"}
@@ -60,21 +63,26 @@ def default_tracking_uri() -> str:
 
 
 def check_tracking_uri(uri: str) -> str:
-    """Raise ``ValueError`` unless ``uri`` is a tracking URI MLflow 3 accepts."""
+    """Raise ``ValueError`` unless ``uri`` is a tracking URI MLflow 3 accepts.
+
+    Checks the form only (no connection); messages show the URI without its secrets.
+    """
     parsed = urlparse(uri) if isinstance(uri, str) else None
+    shown = credentials.public_uri(uri) if isinstance(uri, str) else uri
     if parsed is None or parsed.scheme not in _SCHEMES:
         raise ValueError(
-            f"malformed tracking URI {uri!r}; use sqlite:///path/to/mlflow.db, "
+            f"malformed tracking URI {shown!r}; use sqlite:///path/to/mlflow.db, "
             "http://host:port or another MLflow store URI "
             f"(schemes: {', '.join(_SCHEMES)})."
         )
     if parsed.scheme in ("http", "https") and not parsed.hostname:
-        raise ValueError(f"tracking URI {uri!r} has no host; e.g. http://127.0.0.1:5000.")
+        raise ValueError(f"tracking URI {shown!r} has no host; e.g. http://127.0.0.1:5000.")
     if parsed.scheme == "sqlite":
         path = sqlite_path(uri)
-        if path is None:
+        if path is None or uri.endswith("/") or path.is_dir():
             raise ValueError(
-                f"tracking URI {uri!r} names no database file; e.g. sqlite:///mlflow.db."
+                f"tracking URI {shown!r} names no database file (a folder or nothing); "
+                "e.g. sqlite:///mlflow.db."
             )
     return uri
 
@@ -86,12 +94,6 @@ def redact(uri: str) -> str:
         return uri
     netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
     return parsed._replace(netloc=netloc).geturl()
-
-
-def redact_text(text: str, uri: str) -> str:
-    """``text`` (an error message, say) with ``uri``'s password replaced by ``***``."""
-    password = urlparse(uri).password
-    return text.replace(password, "***") if password else text
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -123,29 +125,97 @@ class Handle:
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=credentials.connection_uri(uri))
 
 
 def prepare(uri: str, experiment: str, run_name: str, tags: Mapping[str, str]) -> Handle:
-    """Create (or reuse) the store, the MLflow experiment and the parent run."""
+    """Create (or reuse) the store, the MLflow experiment and the parent run.
+
+    The handle holds the URI's public form (``tune_alr.credentials``). A store that
+    cannot be reached or used (a corrupt database, a server that is down) raises
+    ``ValueError`` naming it, in seconds.
+    """
     check_tracking_uri(uri)
+    public = credentials.register(uri)
     # MLflow's defaults (7 retries, 120 s timeout) would stall the driver for minutes
     # on an outage; the user's own settings win.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    _check_reachable(public)
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    client = _client(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        experiment_id = client.create_experiment(
-            experiment, artifact_location=_artifact_location(uri)
-        )
-    else:
-        experiment_id = found.experiment_id
-    parent = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
-    return Handle(uri, experiment_id, parent.info.run_id)
+    try:
+        # Two drivers creating one new sqlite store at once collide in MLflow's schema
+        # set-up: they take turns here (the lock is the folder's, no file is left).
+        with _folder_lock(db.parent if db is not None else None):
+            client = _client(public)
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                experiment_id = client.create_experiment(
+                    experiment, artifact_location=_artifact_location(uri)
+                )
+            else:
+                experiment_id = found.experiment_id
+            parent = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    except Exception as err:
+        first = credentials.scrub(str(err)).strip().splitlines()[:1] or [""]
+        raise ValueError(
+            f"the tracking store {public} cannot be used: {type(err).__name__}: {first[0]}"
+        ) from None
+    return Handle(public, experiment_id, parent.info.run_id)
+
+
+def check_store(uri: str) -> None:
+    """Raise ``ValueError`` now for a store that cannot work: an HTTP(S) server that does
+    not answer, or an existing sqlite file that is not a database. Reads nothing else."""
+    _check_reachable(credentials.public_uri(uri))
+    db = sqlite_path(uri)
+    if db is not None and db.is_file():
+        import sqlite3
+
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                conn.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.Error as err:
+            raise ValueError(
+                f"the tracking store {credentials.public_uri(uri)} cannot be used: "
+                f"{str(db)!r} is not an sqlite database ({err})."
+            ) from None
+
+
+def _check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """An HTTP(S) store's host and port answer, or ``ValueError`` (before any retry)."""
+    import socket
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return
+    except OSError as err:
+        raise ValueError(
+            f"the tracking store {uri} is unreachable ({type(err).__name__}: {err}); start "
+            "the MLflow server, or use a sqlite:/// store."
+        ) from None
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path | None) -> Iterator[None]:
+    """An exclusive lock on ``folder`` for the block (none when ``folder`` is None)."""
+    if folder is None:
+        yield
+        return
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def reopen_parent(handle: Handle) -> None:
@@ -321,12 +391,18 @@ class TrialLogger:
         state.last_step = step
 
     def finish(self, trial_id: str, status: str, error: str | None = None) -> None:
-        """Attach the LR and validation curves and end the run (FINISHED or FAILED)."""
+        """Attach the LR and validation curves and end the run (FINISHED or FAILED).
+
+        A FAILED run is tagged ``tune_alr.status=failed`` and, when known, with the
+        error (``tune_alr.error``), so the status tag never says "running" after the end.
+        """
         state = self._trials.get(trial_id)
         if state is None:
             return
         if error:
-            self._client.set_tag(state.run_id, "tune_alr.error", error[:5000])
+            self._client.set_tag(state.run_id, ERROR_TAG, credentials.scrub(error)[-5000:])
+        if status == "FAILED":
+            self._client.set_tag(state.run_id, STATUS_TAG, "failed")
         from .report import epochs_to_stable, plot_trial_curves
 
         if state.curve:
@@ -363,7 +439,8 @@ def relog(
         for result in record.results:
             logger.result(record.trial_id, result)
         status = "FINISHED" if record.status in ("finished", "diverged") else "FAILED"
-        logger.finish(record.trial_id, status, record.error)
+        last = record.results[-1] if record.results else {}
+        logger.finish(record.trial_id, status, record.error or last.get("error"))
     return handle
 
 
@@ -387,7 +464,7 @@ class MLflowTracking(tune.Callback):
                 self._logger = TrialLogger(self.handle)
             fn(self._logger, *args)
         except Exception as err:  # any store failure: keep training, say so once
-            self.failed = f"{what}: {type(err).__name__}: {err}"
+            self.failed = f"{what}: {type(err).__name__}: {credentials.scrub(str(err))}"
             warnings.warn(
                 f"MLflow tracking at {redact(self.handle.tracking_uri)} failed "
                 f"({self.failed}); "
@@ -407,7 +484,14 @@ class MLflowTracking(tune.Callback):
         self._safely("result", TrialLogger.result, trial.trial_id, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._safely("finish", TrialLogger.finish, trial.trial_id, "FINISHED")
+        # A trial that met an error no retry would cure reports status "failed" and
+        # ends without raising (trainables.ray_trainable): its run ends FAILED all the same.
+        last = getattr(trial, "last_result", None) or {}
+        if last.get("status") == "failed":
+            error = str(last.get("error", ""))
+            self._safely("finish", TrialLogger.finish, trial.trial_id, "FAILED", error)
+        else:
+            self._safely("finish", TrialLogger.finish, trial.trial_id, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = getattr(trial, "error_file", None)

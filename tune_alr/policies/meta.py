@@ -42,6 +42,8 @@ from .hypergrad import observe_update, restore_buffers, snapshot
 
 FEATURE_NAMES = ("log_lr_decades", "loss_trend", "grad_norm_ratio", "cos_ema", "cos")
 N_FEATURES = len(FEATURE_NAMES)
+#: The widest controller accepted: far beyond any use, far below an allocation failure.
+MAX_HIDDEN = 4096
 _DECADE = math.log(10.0)
 
 
@@ -182,6 +184,11 @@ class Meta(Policy):
         check_positive("meta_clip", meta_clip)
         check_positive("max_step", max_step)
         check_int("hidden", hidden)
+        if hidden > MAX_HIDDEN:
+            raise ValueError(
+                f"hidden must be at most {MAX_HIDDEN} (a controller of a few hundred weights "
+                f"is the design; {hidden!r} would not fit in memory), got {hidden!r}."
+            )
         if not (isinstance(optimism, (int, float)) and -1.0 < optimism < 1.0):
             raise ValueError(f"optimism must be in (-1, 1), got {optimism!r}.")
         check_fraction("min_factor", min_factor, high=1.0 + 1e-12)
