@@ -18,20 +18,13 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """One Ray instance for the whole session (2 CPUs), its files under the test tmp."""
-    import ray
+    """One Ray instance for the whole session (2 CPUs), its files under the test tmp,
+    started as the runner starts a user's (on loopback only)."""
+    from tune_alr.runner import ray_session as start
 
     temp_dir = tmp_path_factory.mktemp("ray")
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=str(temp_dir),
-        configure_logging=False,
-    )
-    try:
+    with start(num_cpus=2, _temp_dir=str(temp_dir)):
         yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
