@@ -158,6 +158,7 @@ def test_report_rebuilds_the_summary_from_the_folder(finished, tmp_path: Path, c
         (["run", "--seeds", "-2"], "seeds must be a count from 1 to 10000"),
         (["run", "--storage", "ftp://x/y"], "has scheme 'ftp'; accepted: s3"),
         (["run", "--tasks", "mnist", "--data-dir", "nope"], "data dir 'nope' does not exist"),
+        (["run", "--tasks", "mnist"], "dataset 'ylecun/mnist' for task 'mnist' is not available"),
         (["run", "--tasks", "mnist", "--data-dir", "nocols"], "lacks the column(s) ['image']"),
         (["run", "--tasks", "mnist", "--data-dir", "badlabels"], "labels out of range"),
         (["check-cluster", "bad.yaml"], "'ssh_usr' was unexpected) (at auth)"),
@@ -171,6 +172,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, tmp_path, 
     import pyarrow.parquet as pq
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TUNE_ALR_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty Hugging Face cache
     (tmp_path / "a_file").write_text("keep me")
     (tmp_path / "a_folder").mkdir()
     (tmp_path / "corrupt.db").write_bytes(b"this is not an sqlite database " * 64)

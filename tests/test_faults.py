@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +105,134 @@ def test_a_killed_trial_worker_resumes_exactly(ray_session: None, tmp_path: Path
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     _assert_lr_history_is_whole(client, children[0].info.run_id, steps)
+
+
+def _checkpoints(trial_dir: Path) -> list[Path]:
+    """The trial's ``checkpoint_<n>`` folders on disk, newest (largest n) first."""
+    return sorted(trial_dir.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[1]),
+                  reverse=True)  # fmt: skip
+
+
+def _sabotage_newest_two(trial_dir: Path) -> int:
+    """Truncate the newest checkpoint's file and delete the next one's; returns the step of
+    the third newest, the one the trial must fall back to.
+
+    The worker is stopped, so no checkpoint is added meanwhile. Ray hands a restarted trial
+    the newest checkpoint it has registered: the newest on disk, or the one before (a
+    checkpoint is registered after its result is logged, in a round trip to the worker
+    that the stop may have cut short; and the stop may come while the worker copies a
+    next one, not yet registered either). Spoiling both makes the fallback deterministic.
+    """
+    newest, second, third = _checkpoints(trial_dir)[:3]
+    newest_file = newest / loop.CHECKPOINT_FILE
+    if newest_file.is_file():  # not yet there if the stop came mid-copy: as good as spoiled
+        os.truncate(newest_file, newest_file.stat().st_size // 2)
+    (second / loop.CHECKPOINT_FILE).unlink(missing_ok=True)
+    return loop.load_checkpoint(third).step
+
+
+def test_a_spoiled_newest_checkpoint_falls_back_to_an_older_one(
+    ray_session: None, tmp_path: Path
+) -> None:
+    """The worker is killed after its newest checkpoint was truncated (and the one before
+    lost its file): the restart resumes from the newest intact checkpoint and the LR path
+    is the uninterrupted run's, bit for bit."""
+    exp = Experiment(
+        name="spoiled",
+        policies=["feedback"],
+        seeds=1,
+        report_every=25,  # digits' 340 steps: 14 reports, each with a checkpoint
+        trial={"threads": 1},
+        output=tmp_path / "out",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        verbose=0,
+    )
+    killed: list[int] = []
+    fallback_step: list[int] = []
+
+    def spoil_and_kill() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            for result in (tmp_path / "out/ray/spoiled").glob("*/result.json"):
+                rows = _lines(result)
+                if rows and rows[-1]["step"] >= 200:
+                    pid = rows[-1]["pid"]
+                    os.kill(pid, signal.SIGSTOP)  # no report while its checkpoints are cut
+                    try:
+                        fallback_step.append(_sabotage_newest_two(result.parent))
+                    finally:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                    return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=spoil_and_kill, daemon=True)
+    watcher.start()
+    results = tune_alr.run(exp)
+    watcher.join(timeout=5)
+    assert killed and fallback_step, "the trial finished before the watcher could spoil it"
+
+    (record,) = results.records
+    assert record.status == "finished"
+    restarted = [r for r in record.results if r["pid"] != killed[0]]
+    assert restarted and len({r["pid"] for r in restarted}) == 1
+    # The restart resumed from the newest checkpoint that loads, not from scratch.
+    assert restarted[0]["lr_trace_start"] == fallback_step[0] + 1 > 100
+
+    reports: list[dict[str, Any]] = []
+    loop.train(exp.trial_configs()[0], lambda m, _: reports.append(m))
+    expected_lr = [lr for r in reports for lr in r["lr_trace"]]
+    steps, lrs = record.lr_path()
+    assert steps == list(range(1, reports[-1]["step"] + 1))
+    assert lrs == expected_lr  # bit for bit, across the fallback
+    assert {r["step"]: r["val_loss"] for r in restarted} == {
+        r["step"]: r["val_loss"] for r in reports if r["step"] > fallback_step[0]
+    }
+
+    client, runs = _mlflow_children(exp.uri, "spoiled")
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert child.info.status == "FINISHED"
+    _assert_lr_history_is_whole(client, child.info.run_id, steps[-1])  # the replay: once
+
+
+def _saved_checkpoints(trial_dir: Path, count: int) -> list[Path]:
+    """``count`` real checkpoints of a short digits run, as Ray lays them out."""
+    saved: list[Path] = []
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        assert checkpoint_dir is not None
+        saved.append(trial_dir / f"checkpoint_{len(saved):06d}")
+        shutil.copytree(checkpoint_dir, saved[-1])
+
+    loop.train({"task": "digits", "policy": "feedback", "max_steps": 10 * count,
+                "report_every": 10}, report)  # fmt: skip
+    return saved
+
+
+def test_resume_state_skips_checkpoints_that_do_not_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ray import tune
+
+    from trainables import ray_trainable
+
+    first, second, third = _saved_checkpoints(tmp_path, 3)
+    (tmp_path / "checkpoint_000009").write_text("a file, not a checkpoint folder")
+    (third / loop.CHECKPOINT_FILE).write_bytes((third / loop.CHECKPOINT_FILE).read_bytes()[:999])
+    with caplog.at_level(logging.WARNING, logger="trainables.ray_trainable"):
+        state = ray_trainable.resume_state(tune.Checkpoint(str(third)))
+    assert state is not None and state.step == 20  # the second checkpoint's
+    assert f"{third}/{loop.CHECKPOINT_FILE} does not load" in caplog.text
+    assert f"resuming from the older checkpoint {second}" in caplog.text
+
+    caplog.clear()
+    (second / loop.CHECKPOINT_FILE).unlink()
+    shutil.rmtree(first)
+    with caplog.at_level(logging.WARNING, logger="trainables.ray_trainable"):
+        assert ray_trainable.resume_state(tune.Checkpoint(str(third))) is None
+    assert f"{second}/{loop.CHECKPOINT_FILE} does not load (FileNotFoundError" in caplog.text
+    assert "starting from scratch" in caplog.text
+    assert ray_trainable.resume_state(None) is None
 
 
 def _cli(*args: str) -> list[str]:

@@ -43,6 +43,8 @@ class Task:
         defaults: the task's default trial settings (optimizer, lr, batch_size, epochs,
             and optionally clip_grad, report_every).
         params: the task's own options (``task_params``) and their defaults.
+        choices: for options with a fixed set of values, the values accepted.
+        minimums: for integer options, the least accepted (1 where not given).
     """
 
     name: str
@@ -52,6 +54,7 @@ class Task:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
     choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    minimums: Mapping[str, int] = field(default_factory=dict)
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """The task's options with ``given`` applied; ``ValueError`` for an unknown one."""
@@ -65,10 +68,11 @@ class Task:
         resolved = {**self.params, **given}
         for key, default in self.params.items():
             value = resolved[key]
+            least = self.minimums.get(key, 1)
             if isinstance(default, int) and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
+                isinstance(value, bool) or not isinstance(value, int) or value < least
             ):
-                raise ValueError(f"task option {key} must be an integer >= 1, got {value!r}.")
+                raise ValueError(f"task option {key} must be an integer >= {least}, got {value!r}.")
             if key in self.choices and value not in self.choices[key]:
                 raise ValueError(
                     f"task option {key} must be one of {', '.join(self.choices[key])}, "
@@ -78,6 +82,8 @@ class Task:
 
 
 _TASKS: dict[str, Task] = {}
+#: A vocabulary holds the padding and unknown tokens before any word.
+_TEXT_MINIMUMS = {"vocab_size": 3}
 
 
 def register(task: Task) -> None:
@@ -215,6 +221,7 @@ register(
             "clip_grad": 1.0,
             "report_every": 100,
         },
+        minimums=_TEXT_MINIMUMS,
         params={
             "vocab_size": 20000,
             "max_len": 256,
@@ -240,6 +247,7 @@ register(
             "report_every": 50,
             "val_size": 1600,
         },
+        minimums=_TEXT_MINIMUMS,
         params={
             "vocab_size": 20000,
             "max_len": 64,

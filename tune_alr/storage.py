@@ -58,16 +58,17 @@ def check_storage(exp: Experiment) -> None:
 
 
 def check_local_data(cells: Sequence[Cell]) -> None:
-    """Local Parquet copies (files, columns, labels) before any trial loads them."""
+    """Every task's data can be had, before any trial loads it: local Parquet copies
+    (files, columns, dtypes, sizes, labels), or the hub or its cache."""
     from trainables import hub
 
-    seen: set[tuple[str, Path]] = set()
+    seen: set[tuple[str, Path | None]] = set()
     for cell in cells:
         data_dir = hub.data_dir_from(cell.settings.get("data_dir"))
-        if data_dir is None or cell.task not in hub.SOURCES or (cell.task, data_dir) in seen:
+        if cell.task not in hub.SOURCES or (cell.task, data_dir) in seen:
             continue
         seen.add((cell.task, data_dir))
-        hub.check_local(hub.SOURCES[cell.task], data_dir)
+        hub.check_available(hub.SOURCES[cell.task], data_dir)
 
 
 @contextlib.contextmanager

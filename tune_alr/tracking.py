@@ -354,7 +354,15 @@ class TrialLogger:
         from mlflow.entities import Metric
 
         state = self._trials[trial_id]
-        step = int(result.get("step", 0))
+        # Tags first: a trial that fails mid-run reports its status without a step.
+        if "status" in result:
+            self._client.set_tag(state.run_id, STATUS_TAG, str(result["status"]))
+        for key, tag in _TAGS.items():
+            if key in result:
+                self._client.set_tag(state.run_id, tag, str(result[key])[:5000])
+        if "step" not in result:
+            return
+        step = int(result["step"])
         if step <= state.last_step and state.last_step > 0:
             # Already logged (a report repeated after a restart, or re-logged after an
             # outage): only the curve for the PNGs and epochs_to_stable is rebuilt.
@@ -383,11 +391,6 @@ class TrialLogger:
         if "val_loss" in result:
             state.curve.append((step, float(result["val_loss"]), float(result["val_acc"])))
             state.epochs.append(float(result.get("epoch", math.nan)))
-        if "status" in result:
-            self._client.set_tag(state.run_id, STATUS_TAG, str(result["status"]))
-        for key, tag in _TAGS.items():
-            if key in result:
-                self._client.set_tag(state.run_id, tag, str(result[key])[:5000])
         state.last_step = step
 
     def finish(self, trial_id: str, status: str, error: str | None = None) -> None:

@@ -153,6 +153,9 @@ def _run(search: Search, method: str, space: dict[str, Any], tune_config: Any) -
     import trainables
 
     storage = (search.output_dir / "ray").resolve()
+    # A trial that fails for good reports status "failed" without the searched metric
+    # (trainables.ray_trainable); Ray Tune would stop the whole search on that.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     with (
         runner.parent_run(
             search.tracking_uri or tracking.default_tracking_uri(),
@@ -287,6 +290,7 @@ def population(
         resample_probability=0.0,
         perturbation_factors=factors,
         synch=synch,
+        require_attrs=False,  # a failed trial's last report has no val_acc
     )
     config = tune.TuneConfig(
         metric=search.metric,
