@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -51,17 +52,29 @@ def _records(tmp: Path) -> list[TrialRecord]:
     return records
 
 
-def test_target_is_the_median_best_accuracy_of_the_best_grid_arm(tmp_path: Path) -> None:
+def test_target_is_what_the_reference_arm_reaches_on_every_seed(tmp_path: Path) -> None:
     trials, goal = bench.timed_trials(_records(tmp_path), _bench())
     target, best = goal["digits"]
-    assert best == "adam-0.01"
-    assert target == pytest.approx(0.9 + 0.001 * 3.5)  # median of 0.900..0.907
+    assert best == "adam-0.01"  # the best grid arm by median best accuracy
+    assert target == pytest.approx(0.9)  # the lowest of its bests 0.900..0.907
+    reference = trials[trials["policy"] == "adam-0.01"]
+    assert (reference["steps_to_target"] == 40).all()  # it never misses its own target
     fast = trials[trials["policy"] == "fast"]
     assert (fast["steps_to_target"] == 10).all() and (fast["wall_s_to_target"] == 0.1).all()
     prodigy = trials[trials["policy"] == "prodigy"].set_index("seed")
     assert math.isinf(prodigy.loc[0, "steps_to_target"])  # a miss is infinitely slow
-    assert prodigy.loc[1, "steps_to_target"] == 40
+    assert prodigy.loc[1, "steps_to_target"] == 30
     assert set(trials["kind"]) == {"grid", "policy", "anchor"}
+
+
+def test_a_named_baseline_is_the_reference(tmp_path: Path) -> None:
+    named = dataclasses.replace(_bench(), baseline="adam-0.001")
+    trials, goal = bench.timed_trials(_records(tmp_path), named)
+    assert goal["digits"] == (pytest.approx(0.8), "adam-0.001")
+    comp = bench.comparisons(trials, goal)
+    assert set(comp["baseline"]) == {"adam-0.001", "prodigy"}
+    with pytest.raises(ValueError, match="baseline 'nope' is not one of the bench's arms"):
+        dataclasses.replace(_bench(), baseline="nope").arms()
 
 
 def test_comparisons_find_the_winner_and_not_the_tie(tmp_path: Path) -> None:
@@ -70,16 +83,29 @@ def test_comparisons_find_the_winner_and_not_the_tie(tmp_path: Path) -> None:
     assert set(comp.index) == {("fast", "adam-0.01"), ("fast", "prodigy"),
                                ("same", "adam-0.01"), ("same", "prodigy")}  # fmt: skip
     win = comp.loc[("fast", "adam-0.01")]
-    # the grid arm hits the target (its own median) at step 40 on half the seeds and
-    # misses on the others: speed-ups 4 and inf, median inf; the lower bound is 4
-    assert win["pairs"] == SEEDS and math.isinf(win["steps_speedup"])
-    assert win["steps_ci_low"] == pytest.approx(4.0)
+    # the reference hits the target at step 40 on every seed, the winner at step 10
+    assert win["pairs"] == SEEDS and win["informative"] == SEEDS
+    assert win["steps_speedup"] == pytest.approx(4.0) and win["steps_ci_low"] == 4.0
     assert win["steps_p_holm"] < 0.05 and win["acc_p_holm"] < 0.05
     tie = comp.loc[("same", "adam-0.01")]
     assert tie["steps_speedup"] == pytest.approx(1.0) and tie["steps_p"] == 1.0
     assert tie["acc_p"] == 1.0 and tie["acc_diff"] == 0.0
     # against an anchor that misses on half the seeds, the winner's speed-up is infinite
     assert math.isinf(comp.loc[("fast", "prodigy"), "steps_speedup"])
+
+
+def test_default_seeds_suffice_for_significance_after_holm() -> None:
+    from tune_alr.stats import min_p
+
+    for b in (bench.Bench(), bench.Bench(tasks=["digits", "mnist"])):
+        seeds = len(b.seed_list())
+        assert min_p(seeds) * b.comparison_count() < 0.05 <= min_p(seeds - 1) * (
+            b.comparison_count()
+        )
+        assert b.power_note() is None
+    few = bench.Bench(seeds=5)
+    assert "no comparison can reach p < 0.05" in str(few.power_note())
+    assert "10 seeds could" in str(few.power_note())
 
 
 def test_the_report_has_the_tables_plots_and_profile(tmp_path: Path) -> None:
@@ -104,8 +130,9 @@ def test_the_report_has_the_tables_plots_and_profile(tmp_path: Path) -> None:
     assert "data:image/png;base64," in page  # the profile plot, embedded
     assert "<td>fast</td>" in page and "Tuned baselines" in page
     md = files["bench.md"].read_text()
-    assert "Target 90.35% validation accuracy (best grid arm: adam-0.01)" in md
-    assert "| fast | adam-0.01 | 8 | inf [4.00, inf] | 0.0" in md
+    assert "Target 90.00% validation accuracy (reference arm: adam-0.01)" in md
+    assert "| fast | adam-0.01 | 8 (8 informative) | 4.00 [4.00, 4.00] | 0.00781 / 0.0312 *" in md
+    assert "- commit: `" in md and "- torch: `" in md and "- date: `" in md  # provenance
     assert files["perf_profile.png"].stat().st_size > 1000
 
 

@@ -72,9 +72,18 @@ def test_mlflow_has_a_parent_and_four_finished_children(finished) -> None:
     client = MlflowClient(exp.tracking_uri)
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id])
+    # the training view, not MLflow 3's GenAI overview
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     parent = client.get_run(results.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.csv"}
+    # the parent: the experiment's settings as params, summary.md as its description,
+    # the standard source and user tags
+    assert parent.data.params["policies"] == "['constant', 'feedback']"
+    assert parent.data.params["max_steps"] == "30" and parent.data.params["seeds"] == "2"
+    assert parent.data.tags["mlflow.note.content"].startswith("# tiny")
+    assert parent.data.tags["mlflow.user"] and parent.data.tags["mlflow.source.name"]
+    assert parent.data.tags["tune_alr.version"] == tune_alr.__version__
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == [
         "digits/constant/seed0", "digits/constant/seed1",
@@ -84,9 +93,20 @@ def test_mlflow_has_a_parent_and_four_finished_children(finished) -> None:
         assert run.info.status == "FINISHED"
         history = client.get_metric_history(run.info.run_id, "lr")
         assert sorted(m.step for m in history) == list(range(1, 31))  # one per optimizer step
-        assert "val_acc" in run.data.metrics and "policy/factor" in run.data.metrics
-        assert "proc/peak_rss_mb" in run.data.metrics and "caps/threads" in run.data.metrics
-        assert run.data.tags["tune_alr.profile"] == "edge"
+        metrics = set(run.data.metrics)
+        assert {"val_acc", "val_loss", "lr", "train_loss", "policy/factor"} <= metrics
+        assert "proc/peak_rss_mb" in metrics and "time/wall_s" in metrics
+        # no Ray bookkeeping, no constants among the metrics; no 'None' params
+        assert not metrics & {"pid", "timestamp", "iterations_since_restore", "total_steps",
+                              "training_iteration", "time_total_s", "step"}  # fmt: skip
+        assert not any(m.startswith("caps/") for m in metrics)
+        unprefixed = {m for m in metrics if "/" not in m}
+        assert unprefixed <= {"val_acc", "val_loss", "lr", "train_loss", "best_val_acc",
+                              "test_acc", "test_loss", "epochs_to_stable"}, unprefixed  # fmt: skip
+        assert "None" not in run.data.params.values()
+        assert run.data.params["total_steps"] == "30"
+        assert run.data.tags["tune_alr.caps.threads"] == "1"
+        assert run.data.tags["mlflow.user"] and run.data.tags["tune_alr.profile"] == "edge"
         assert run.data.params["profile.memory_mb"] == "1024"
         assert run.data.metrics["epochs_to_stable"] > 0
         assert run.data.params["lr"] == "0.001" and run.data.params["optimizer"] == "adam"
@@ -96,7 +116,9 @@ def test_mlflow_has_a_parent_and_four_finished_children(finished) -> None:
     assert feedback.data.params["policy_params.interval"] == "5"
 
 
-def test_report_rebuilds_the_summary_from_the_folder(finished, tmp_path: Path, capsys) -> None:
+def test_report_rebuilds_the_summary_from_the_folder(
+    finished, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, results = finished
     code = cli.main(["report", str(results.experiment_dir), "--output", str(tmp_path)])
     assert code == 0
@@ -104,6 +126,12 @@ def test_report_rebuilds_the_summary_from_the_folder(finished, tmp_path: Path, c
         results.output_dir / "summary.csv"
     ).read_text()
     assert "feedback" in capsys.readouterr().out
+    # by default into results/<name>, never into Ray's folder
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in results.experiment_dir.iterdir())
+    assert cli.main(["report", str(results.experiment_dir)]) == 0
+    assert (tmp_path / "results" / "tiny" / "summary.csv").is_file()
+    assert sorted(p.name for p in results.experiment_dir.iterdir()) == before
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,8 @@ def test_presets_build_valid_experiments() -> None:
     assert arms[("imdb", "sgd-1e-2")].task_params == {"layers": 2, "hidden": 128}
     assert arms[("mnist", "adam-1e-3")].task_params == {"model": "plan2"}
     assert {c.epochs for c in plan2.trial_configs()} == {50}
+    # each plan's central comparison by default: feedback vs constant, meta vs SGD 1e-3
+    assert plan1.baseline == "constant" and plan2.baseline == "sgd-1e-3"
     assert set(PRESETS) == {"plan1", "plan2"}
     with pytest.raises(ValueError, match="unknown preset 'plan3'; available: plan1, plan2"):
         preset("plan3")
@@ -95,6 +97,11 @@ def test_cli_preset_with_fewer_tasks_keeps_only_their_options() -> None:
     assert fields["tasks"] == ["cifar10", "mnist"]
     assert fields["task_params"] == {"mnist": {"model": "plan2"}}
     Experiment(name="x", **fields).trial_configs()  # valid
+    # --policies without the preset's reference arm drops it; --baseline names another
+    args = parser().parse_args(["run", "--preset", "plan1", "--policies", "feedback,step"])
+    assert "baseline" not in _run_fields(args)
+    args = parser().parse_args(["run", "--preset", "plan1", "--baseline", "step"])
+    assert _run_fields(args)["baseline"] == "step"
 
 
 def test_arms_validate_before_ray() -> None:

@@ -184,23 +184,29 @@ def test_the_password_is_in_no_output_file_or_mlflow(guarded_run: dict[str, Any]
 
 
 @pytest.mark.slow
-def test_the_mlflow_ui_listens_on_loopback_only(tmp_path: Path) -> None:
+def test_the_ui_answers_when_it_says_so_on_loopback_and_stops_whole(tmp_path: Path) -> None:
     port = free_port()
     ui = subprocess.Popen(
         [sys.executable, "-m", "tune_alr.cli", "ui", "--port", str(port),
          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     try:
-        addresses: set[str] = set()
-        deadline = time.monotonic() + 90
-        while not addresses and time.monotonic() < deadline and ui.poll() is None:
-            for conn in psutil.net_connections(kind="tcp"):
-                if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
-                    addresses.add(conn.laddr.ip)
-            time.sleep(0.5)
+        assert ui.stdout is not None
+        line = ui.stdout.readline()  # blocks until the UI prints its address
+        assert line.startswith(f"MLflow UI on http://127.0.0.1:{port}"), line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+            assert reply.status == 200  # it answers as soon as it says so
+        addresses = {c.laddr.ip for c in psutil.net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}  # fmt: skip
         assert addresses == {"127.0.0.1"}
+        started = psutil.Process(ui.pid).children(recursive=True)
+        assert started, "the UI runs the MLflow server as a child"
+        ui.send_signal(signal.SIGTERM)  # to tune-alr only, as a service manager would
+        ui.wait(timeout=60)
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert alive == [], [p.pid for p in alive]
     finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=20)
+        if ui.poll() is None:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait(timeout=20)

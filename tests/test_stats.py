@@ -93,3 +93,50 @@ def test_compare_pairs_seeds_per_task_and_corrects_across_rows() -> None:
     assert table.loc["meta", "steps_ci_low"] == 0.0  # its misses
     with pytest.raises(ValueError, match="baseline 'sgd' is not among the policies"):
         compare(pd.DataFrame(rows), baseline="sgd")
+
+
+@pytest.mark.parametrize(
+    ("policy", "baseline", "informative", "interval"),
+    [
+        # one informative pair (the other both missed): a median, no interval
+        ([5.0, INF], [10.0, INF], 1, False),
+        # two: still no interval, a resample of two values would only give them back
+        ([5.0, 6.0], [10.0, 9.0], 2, False),
+        ([5.0, 6.0, 4.0], [10.0, 9.0, 8.0], 3, True),
+    ],
+)
+def test_too_few_informative_pairs_give_no_interval(
+    policy: list[float], baseline: list[float], informative: int, interval: bool
+) -> None:
+    from tune_alr.stats import MIN_CI_PAIRS
+
+    assert MIN_CI_PAIRS == 3
+    assert paired_test(policy, baseline).pairs == informative
+    median, low, high = speedup_ci(policy, baseline)
+    assert math.isfinite(median)
+    assert (math.isfinite(low) and math.isfinite(high)) is interval
+
+
+def test_no_informative_pair_means_no_test() -> None:
+    from tune_alr.report import format_p, format_speedup
+    from tune_alr.stats import accuracy_test
+
+    test = paired_test([INF, INF], [INF, INF])
+    assert test.pairs == 0 and math.isnan(test.p_value)
+    assert math.isnan(accuracy_test([], []))
+    assert format_p(test.p_value) == "n/a"
+    row = {"steps_speedup": math.nan, "steps_ci_low": math.nan, "steps_ci_high": math.nan}
+    assert format_speedup(row, "steps") == "n/a"
+    row = {"steps_speedup": 0.68, "steps_ci_low": math.nan, "steps_ci_high": math.nan}
+    assert format_speedup(row, "steps") == "0.68 [n/a]"
+
+
+@pytest.mark.parametrize(("comparisons", "seeds"), [(1, 6), (3, 7), (24, 10), (48, 11)])
+def test_seeds_needed_for_significance_after_holm(comparisons: int, seeds: int) -> None:
+    from tune_alr.stats import min_p, power_note, seeds_needed
+
+    assert seeds_needed(comparisons) == seeds
+    assert min_p(seeds) * comparisons < 0.05 <= min_p(seeds - 1) * comparisons
+    assert power_note(seeds, comparisons) is None
+    note = power_note(seeds - 1, comparisons)
+    assert note is not None and f"{seeds} seeds could" in note

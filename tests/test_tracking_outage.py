@@ -56,7 +56,8 @@ def test_an_outage_loses_nothing_and_report_relogs(ray_session: None, tmp_path: 
         assert summary["finished"].tolist() == [2, 2]
 
         server.start()  # the store is back: re-log what it missed
-        assert cli.main(["report", str(folder), "--tracking-uri", server.uri]) == 0
+        relog = ["report", str(folder), "--tracking-uri", server.uri, "--output", str(tmp_path)]
+        assert cli.main(relog) == 0
 
         from mlflow.tracking import MlflowClient
 

@@ -139,6 +139,9 @@ def train(config: dict[str, Any]) -> None:
     ``{"status": "failed", "error": error_line(err)}``, and a normal return. Any other error
     raises, so Ray restarts the trial from its last checkpoint.
     """
+    # Ray logs "Checkpoint successfully created at ..." at every report, forwarded to
+    # the driver's terminal: the progress table says what matters.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     try:
         resume = resume_state(tune.get_checkpoint())
         loop.train(config, _report, resume=resume)

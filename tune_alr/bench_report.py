@@ -15,7 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from .report import format_num, format_p, format_speedup, pyplot
+from . import provenance
+from .report import format_num, format_p, format_pairs, format_speedup, pyplot
 from .workloads import Workload
 
 
@@ -35,7 +36,7 @@ def _pp(row: Any, label: str) -> str:
     """The raw p-value and the Holm-corrected one (the mark goes by the corrected)."""
     raw = row[f"{label}_p"]
     if raw is None or math.isnan(raw):
-        return "-"
+        return "n/a"
     return f"{raw:.3g} / {format_p(row[f'{label}_p_holm'])}"
 
 
@@ -74,7 +75,7 @@ def comparison_rows(comp: pd.DataFrame, task: str) -> list[list[str]]:
             [
                 str(r["policy"]),
                 str(r["baseline"]),
-                str(r["pairs"]),
+                format_pairs(r),
                 format_speedup(r, "steps"),
                 _pp(r, "steps"),
                 format_speedup(r, "wall"),
@@ -101,12 +102,15 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 PROTOCOL = (
-    "Target: the median best validation accuracy of the best fixed-LR grid arm. Time to "
-    "target: the first validation report at or above it (a miss is infinitely slow). "
-    "Speed-up: baseline time / policy time per paired seed, median with a 95% bootstrap "
-    "interval. p: two-sided Wilcoxon signed-rank on log time to target and on final "
-    "accuracy, raw and Holm-corrected across all comparisons of a measure; * Holm p < "
-    "0.05. With n paired seeds the smallest two-sided p is 2/2^n (0.0625 for 5 seeds)."
+    "Target: the lowest best validation accuracy, over its seeds, of the reference arm "
+    "(the best fixed-LR grid arm by median, or --baseline): the accuracy it reaches on "
+    "every seed. Time to target: the first validation report at or above it (a miss is "
+    "infinitely slow). Speed-up: reference time / policy time per paired seed, median "
+    "with a 95% bootstrap interval (n/a with fewer than 3 informative pairs, those where "
+    "a side reached the target). p: two-sided Wilcoxon signed-rank on log time to target "
+    "and on final accuracy, raw and Holm-corrected across all comparisons of a measure "
+    "(n/a: no informative pair); * Holm p < 0.05. With n informative pairs the smallest "
+    "two-sided p is 2/2^n (0.0625 for 5)."
 )
 
 
@@ -137,6 +141,7 @@ def write(
     goal: Mapping[str, tuple[float, str]],
     profile: pd.DataFrame,
     tuned: pd.DataFrame | None = None,
+    warning: str | None = None,
 ) -> dict[str, Path]:
     """Write the bench's files into the output folder ``out``; returns them by name."""
     out.mkdir(parents=True, exist_ok=True)
@@ -156,12 +161,20 @@ def write(
     md = [f"# {name}: policies against the grid and the anchors", "", PROTOCOL, ""]
     parts = [f"<h1>{html.escape(name)}: policies against the grid and the anchors</h1>",
              f"<p>{html.escape(PROTOCOL)}</p>"]  # fmt: skip
+    if warning:
+        md += [f"**Too few seeds for significance**: {warning}", ""]
+        parts.append(f"<p><b>Too few seeds for significance</b>: {html.escape(warning)}</p>")
+    origin = provenance.provenance()
+    md += ["Produced by:", "", provenance.markdown(), ""]
+    parts.append("<p>Produced by:</p><ul>" + "".join(
+        f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>" for k, v in origin.items()
+    ) + "</ul>")  # fmt: skip
     by_task = {w.task: w for w in workloads}
     for task in sorted(goal):
         target, best = goal[task]
         w = by_task.get(task)
         heading = f"{task} ({w.name}: {w.note})" if w else task
-        line = f"Target {100 * target:.2f}% validation accuracy (best grid arm: {best})."
+        line = f"Target {100 * target:.2f}% validation accuracy (reference arm: {best})."
         rows, crow = table_rows(table, task), comparison_rows(comp, task)
         md += [f"## {heading}", "", line, "", _markdown_table(TABLE_HEAD, rows), ""]
         parts += [f"<h2>{html.escape(heading)}</h2>", f"<p>{html.escape(line)}</p>",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -95,7 +94,19 @@ def _add_common(p: argparse.ArgumentParser, *, name: str) -> None:
     p.add_argument("--gpus-per-trial", type=float, help="Ray GPUs per trial (default: 0)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as fit)")
     p.add_argument("--address", help="Ray cluster address (default: start Ray here)")
-    p.add_argument("--quiet", action="store_true", help="no Ray Tune progress output")
+    _add_verbosity(p)
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("--quiet", action="store_true", help="no progress output")
+    loud.add_argument(
+        "--verbose", action="store_true", help="Ray Tune's full output instead of the table"
+    )
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    return 0 if args.quiet else 2 if args.verbose else 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -103,6 +114,9 @@ def parser() -> argparse.ArgumentParser:
         prog="tune-alr",
         description="Adaptive learning-rate policies as Ray Tune trials, tracked in MLflow.",
     )
+    from . import __version__
+
+    root.add_argument("--version", action="version", version=f"tune-alr {__version__}")
     sub = root.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(
@@ -121,6 +135,11 @@ def parser() -> argparse.ArgumentParser:
         "--budget", type=float, help="fraction in (0, 1] scaling epochs and data (e.g. 0.05)"
     )
     run.add_argument("--target", type=float, help="validation accuracy to time (e.g. 0.97)")
+    run.add_argument(
+        "--baseline",
+        help="the arm the others are compared with (default: constant, else the first; "
+        "a preset's own)",
+    )
     run.add_argument(
         "--data-dir", help="folder of local Parquet copies (default: $TUNE_ALR_DATA_DIR, else hub)"
     )
@@ -161,7 +180,17 @@ def parser() -> argparse.ArgumentParser:
         "--tasks", "--workloads", type=_names, default=["digits"],
         help="workloads or tasks: digits, mnist (= mnist-anchor), ag_news (= agnews-anchor)",
     )  # fmt: skip
-    ben.add_argument("--seeds", type=_seeds, default=5, help="paired seeds: a count or a list")
+    ben.add_argument(
+        "--seeds",
+        type=_seeds,
+        help="paired seeds: a count or a list (default: enough for a consistent winner to "
+        "reach p < 0.05 after Holm's correction, e.g. 10 for digits)",
+    )
+    ben.add_argument(
+        "--baseline",
+        help="the reference arm: defines the target, and every policy is compared with "
+        "it (default: the best grid arm)",
+    )
     ben.add_argument("--policies", type=_names, help="policies under test (default: feedback,"
                      "meta,hd,cyclic)")  # fmt: skip
     ben.add_argument("--anchors", type=_names, help="anchor optimizers (default: all)")
@@ -188,11 +217,11 @@ def parser() -> argparse.ArgumentParser:
     ben.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///./mlflow.db)")
     ben.add_argument("--address", help="Ray cluster address (default: start Ray here)")
     ben.add_argument("--max-concurrent", type=int, help="trials at once (default: as CPUs allow)")
-    ben.add_argument("--quiet", action="store_true", help="no Ray Tune progress table")
+    _add_verbosity(ben)
 
     rep = sub.add_parser("report", help="summarise a Ray Tune experiment folder again")
     rep.add_argument("directory", help="the experiment folder (e.g. results/demo/ray/demo)")
-    rep.add_argument("--output", help="where to write the summary (default: DIRECTORY)")
+    rep.add_argument("--output", help="where to write the summary (default: results/<name>)")
     rep.add_argument(
         "--tracking-uri",
         help="also (re-)log the trials into this MLflow store, e.g. after an outage",
@@ -235,7 +264,7 @@ def _experiment(args: argparse.Namespace, **overrides: Any) -> Any:
         "gpus_per_trial": args.gpus_per_trial,
         "max_concurrent": args.max_concurrent,
         "address": args.address,
-        "verbose": 0 if args.quiet else 1,
+        "verbose": _verbosity(args),
     }
     fields.update(overrides)
     return Experiment(**fields)
@@ -295,8 +324,13 @@ def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
         "report_every": args.report_every,
         "budget": args.budget,
         "target": args.target,
+        "baseline": args.baseline,
     }
+    preset_baseline = fields.get("baseline")
     fields.update({k: v for k, v in flags.items() if v is not None})
+    labels = [getattr(p, "label", p) for p in fields["policies"]]
+    if args.baseline is None and preset_baseline not in (None, *labels):
+        del fields["baseline"]  # --policies dropped the preset's reference arm
     # a preset's task options apply to the tasks it still runs after --tasks
     task_params = {t: dict(p) for t, p in fields.get("task_params", {}).items()
                    if t in fields["tasks"]}  # fmt: skip
@@ -394,19 +428,23 @@ def _bench(args: argparse.Namespace) -> int:
         "tasks": args.tasks, "seeds": args.seeds, "budget": args.budget,
         "data_dir": args.data_dir, "name": args.name, "output": args.output,
         "tracking_uri": args.tracking_uri, "address": args.address,
-        "max_concurrent": args.max_concurrent, "verbose": 0 if args.quiet else 1,
-        "optuna": args.optuna, "asha": args.asha, "pbt": args.pbt,
+        "max_concurrent": args.max_concurrent, "verbose": _verbosity(args),
+        "optuna": args.optuna, "asha": args.asha, "pbt": args.pbt, "baseline": args.baseline,
     }  # fmt: skip
     for key in ("policies", "anchors", "grid"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
-    outcome = bench.run(bench.Bench(**fields))
+    spec = bench.Bench(**fields)
+    outcome = bench.run(spec)
     for task, (target, best) in sorted(outcome.targets.items()):
-        print(f"\n{task}: target {100 * target:.2f}% (median best val acc of {best})")
+        print(f"\n{task}: target {100 * target:.2f}% (reached by {best} on every seed)")
         print(_plain_table(TABLE_HEAD, table_rows(outcome.table, task)))
         rows = comparison_rows(outcome.comparisons, task)
         if rows:
             print(_plain_table(COMPARISON_HEAD, rows))
+    note = spec.power_note()
+    if note:
+        print(f"\nToo few seeds for significance: {note}")
     print(f"\nReport: {outcome.files['report.html'].resolve()}")
     return 0
 
@@ -421,23 +459,30 @@ def _plain_table(head: list[str], rows: list[list[str]]) -> str:
 
 def _report(args: argparse.Namespace) -> int:
     from . import report
+    from .storage import SPEC_FILE
 
     records = report.load_trials(args.directory)
-    output = Path(args.output) if args.output else Path(args.directory)
-    report.write_outputs(records, output, title=Path(args.directory).name)
+    folder = Path(args.directory)
+    saved = folder / SPEC_FILE
+    name = folder.resolve().name
+    spec = None
+    if saved.is_file():
+        from .runner import read_spec
+
+        spec = read_spec(args.directory)
+        name = spec[0].name
+    # Beside the run's own summaries (results/<name>), never inside Ray's folder.
+    output = Path(args.output) if args.output else Path("results") / name
+    report.write_outputs(records, output, title=name)
     print(report.format_table(report.summarize(report.trials_frame(records))))
     print(f"\nSummary files: {output.resolve()}/")
     if args.tracking_uri:
         from . import tracking
         from .results import summary_files
-        from .runner import close_parent, read_spec
-        from .storage import SPEC_FILE
+        from .runner import close_parent
 
         tracking.check_tracking_uri(args.tracking_uri)
-        name, parent = Path(args.directory).resolve().name, None
-        if (Path(args.directory) / SPEC_FILE).is_file():
-            exp, parent = read_spec(args.directory)
-            name = exp.name
+        parent = spec[1] if spec is not None else None
         handle = tracking.relog(records, args.tracking_uri, name, parent)
         close_parent(handle, "FINISHED", summary_files(output))
         print(
@@ -448,20 +493,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from .tracking import check_tracking_uri, default_tracking_uri, redact
+    from .tracking import check_tracking_uri, default_tracking_uri
+    from .ui import serve
 
     uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
-    command = [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", uri,
-        "--host", args.host,
-        "--port", str(args.port),
-        "--workers", "1",  # one process is plenty for one user, and saves memory
-    ]  # fmt: skip
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {redact(uri)}); Ctrl-C stops it.")
-    sys.stdout.flush()
-    os.execv(sys.executable, command)
-    return 0  # not reached
+    return serve(uri, args.host, args.port)
 
 
 def _list() -> int:

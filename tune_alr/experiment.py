@@ -84,7 +84,10 @@ class Experiment:
         budget: a fraction in (0, 1] that scales epochs and the data (training rows,
             and validation and test rows down to floors): compute scales about as its
             square. ``None`` runs the full settings.
-        target: a validation accuracy; trials report steps and seconds to reach it.
+        target: a validation accuracy; trials report steps and seconds to reach it, and
+            with paired seeds every arm is compared with ``baseline``.
+        baseline: the arm (label) the others are compared with; ``None``: ``constant``
+            where present, else the first arm.
         trial: any other ``TrialConfig`` field, the same for every trial (e.g.
             ``{"clip_grad": 1.0, "limit_train": 5000}``); ``None`` is a value here
             (``{"clip_grad": None}``: no clipping). A key also given as a field above
@@ -110,7 +113,9 @@ class Experiment:
         tracking_uri: MLflow store; default ``sqlite:///<cwd>/mlflow.db``.
         address: a Ray cluster address (``"auto"``, ``ray://host:10001``) or ``None`` to
             start Ray on this machine.
-        verbose: Ray Tune's progress output, 0 (silent) to 3.
+        verbose: what the terminal shows: 0 nothing, 1 tune-alr's progress table (a row
+            per running trial, every 15 s, and each trial once when it ends), 2 or 3
+            Ray Tune's own output at that verbosity (its config and result boxes).
     """
 
     name: str = "tune-alr"
@@ -128,6 +133,7 @@ class Experiment:
     task_trial: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     budget: float | None = None
     target: float | None = None
+    baseline: str | None = None
     trial: Mapping[str, Any] = field(default_factory=dict)
     profile: str | hardware.Profile | Mapping[str, Any] | None = None
     node_type: str | None = None
@@ -296,6 +302,11 @@ class Experiment:
                     f"optimizers: {', '.join(optimizers.ANCHORS)}."
                 )
         self.seed_list  # noqa: B018 (raises on bad seeds)
+        labels = [a.label for a in self.arms]
+        if self.baseline is not None and self.baseline not in labels:
+            raise ValueError(
+                f"baseline {self.baseline!r} is not one of the arms; accepted: {', '.join(labels)}."
+            )
         if self.budget is not None and not (
             isinstance(self.budget, (int, float)) and 0 < self.budget <= 1
         ):
@@ -322,6 +333,16 @@ class Experiment:
         storage.check_storage(self)
         tracking.check_store(self.uri)  # last: it may wait for a server to answer
         return cells
+
+    def power_note(self) -> str | None:
+        """A warning when a target is set but the seeds are too few for any of the
+        comparisons with the baseline to reach significance (``tune_alr.stats``)."""
+        from .stats import power_note
+
+        comparisons = (len(self.arms) - 1) * len(self.tasks)
+        if self.target is None or comparisons < 1:
+            return None
+        return power_note(len(self.seed_list), comparisons)
 
     # -- the spec as plain data (saved beside Ray Tune's files, for resume) ------------
 

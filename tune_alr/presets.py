@@ -21,6 +21,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "plan1": {
         "tasks": ["mnist", "imdb", "ag_news"],
         "policies": ["feedback", "plan1-literal", "constant", "step", "cyclic"],
+        "baseline": "constant",  # plan 1: the policy against a constant LR
         "optimizer": "adam",
         "lr": 0.01,
         "batch_size": 32,
@@ -37,6 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             Arm("adam-1e-3", "constant", optimizer="adam", lr=1e-3),
             Arm("rmsprop-1e-3", "constant", optimizer="rmsprop", lr=1e-3),
         ],
+        "baseline": "sgd-1e-3",  # plan 2: meta against the fixed LR it starts from
         "batch_size": 64,
         "epochs": 50,
     },

@@ -341,6 +341,23 @@ def plot_trial_curves(
     return paths
 
 
+def accuracy_range(records: Sequence[TrialRecord]) -> tuple[float, float] | None:
+    """The validation-accuracy axis, zoomed where the arms differ: from a little under
+    the lowest best accuracy of a trial that learned (reached half the best trial's) to
+    just over the highest. A collapsed trial then runs off the bottom, as it should."""
+    bests = [
+        max(r["val_acc"] for r in record.results if "val_acc" in r)
+        for record in records
+        if any("val_acc" in r for r in record.results)
+    ]
+    if not bests:
+        return None
+    learned = [b for b in bests if b >= 0.5 * max(bests)]
+    low, high = min(learned), max(learned)
+    margin = max(0.01, 0.25 * (high - low))
+    return max(0.0, low - margin), min(1.0, high + margin)
+
+
 def plot_experiment(records: Sequence[TrialRecord], folder: Path) -> list[Path]:
     """Per task: ``lr_<task>.png`` (LR paths) and ``val_<task>.png`` (val accuracy)."""
     plt = pyplot()
@@ -366,6 +383,9 @@ def plot_experiment(records: Sequence[TrialRecord], folder: Path) -> list[Path]:
                 ax.set(yscale="log", ylabel="learning rate", title=f"{task}: LR path per trial")
             else:
                 ax.set(ylabel="validation accuracy", title=f"{task}: validation accuracy")
+                zoom = accuracy_range(mine)
+                if zoom is not None:
+                    ax.set_ylim(*zoom)
             ax.set_xlabel("optimizer step")
             ax.legend(fontsize=8)
             fig.tight_layout()
@@ -375,17 +395,19 @@ def plot_experiment(records: Sequence[TrialRecord], folder: Path) -> list[Path]:
     return paths
 
 
-def _comparisons(trials: pd.DataFrame) -> pd.DataFrame | None:
+def _comparisons(trials: pd.DataFrame, baseline: str | None) -> pd.DataFrame | None:
     """Paired comparisons against the baseline, when a target was set and seeds pair."""
     from .stats import compare
 
     timed = trials["steps_to_target"].notna().any()
     if not timed or trials["seed"].nunique() < 2 or trials["policy"].nunique() < 2:
         return None
-    return compare(trials)
+    return compare(trials, baseline)
 
 
-def _comparison_markdown(comparisons: pd.DataFrame | None) -> str:
+def _comparison_markdown(comparisons: pd.DataFrame | None, seeds: int) -> str:
+    from .stats import MIN_CI_PAIRS, power_note
+
     if comparisons is None or comparisons.empty:
         return ""
     lines = [
@@ -393,31 +415,47 @@ def _comparison_markdown(comparisons: pd.DataFrame | None) -> str:
         f"## Time to target against {comparisons['baseline'].iloc[0]} (paired seeds)",
         "",
         "Median speed-up (baseline time / policy time; a miss is infinitely slow) with its "
-        "95% bootstrap interval; p: Wilcoxon signed-rank on log time, Holm-corrected "
-        "across all rows.",
+        "95% bootstrap interval (n/a with fewer than "
+        f"{MIN_CI_PAIRS} informative pairs: pairs where a side reached the target); p: "
+        "Wilcoxon signed-rank on log time, Holm-corrected across all rows (n/a: no "
+        "informative pair).",
         "",
         "| task | policy | pairs | speed-up in steps | p (Holm) | speed-up in wall s | p (Holm) |",
         "|" + " --- |" * 7,
     ]
     for _, r in comparisons.iterrows():
         lines.append(
-            f"| {r['task']} | {r['policy']} | {r['pairs']} "
+            f"| {r['task']} | {r['policy']} | {format_pairs(r)} "
             f"| {format_speedup(r, 'steps')} | {format_p(r['steps_p_holm'])} "
             f"| {format_speedup(r, 'wall')} | {format_p(r['wall_p_holm'])} |"
         )
+    note = power_note(seeds, len(comparisons))
+    if note:
+        lines += ["", f"**Too few seeds for significance**: {note}"]
     return "\n".join(lines) + "\n"
 
 
 def format_speedup(row: Any, label: str) -> str:
+    """``median [low, high]``; ``n/a`` where no pair was informative or too few were for
+    an interval (``stats.MIN_CI_PAIRS``)."""
     median, low, high = row[f"{label}_speedup"], row[f"{label}_ci_low"], row[f"{label}_ci_high"]
     if math.isnan(median):
-        return "-"
+        return "n/a"
+    if math.isnan(low) or math.isnan(high):
+        return f"{median:.2f} [n/a]"
     return f"{median:.2f} [{low:.2f}, {high:.2f}]"
 
 
+def format_pairs(row: Any) -> str:
+    """``pairs (informative)``: seeds paired, and those where a side reached the target."""
+    informative = row.get("informative", row["pairs"])
+    return f"{row['pairs']} ({informative} informative)"
+
+
 def format_p(value: float) -> str:
+    """The p-value, ``*`` below ``stats.ALPHA``; ``n/a`` where no test could be formed."""
     if math.isnan(value):
-        return "-"
+        return "n/a"
     mark = " *" if value < 0.05 else ""
     return f"{value:.3g}{mark}"
 
@@ -435,8 +473,15 @@ def _trouble(trials: pd.DataFrame) -> str:
     return "\n## Trials that did not finish cleanly\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
-def write_outputs(records: Sequence[TrialRecord], output: Path, title: str) -> dict[str, Path]:
-    """Write ``summary.csv``, ``trials.csv``, ``summary.md`` and the plots into ``output``."""
+def write_outputs(
+    records: Sequence[TrialRecord], output: Path, title: str, baseline: str | None = None
+) -> dict[str, Path]:
+    """Write ``summary.csv``, ``trials.csv``, ``summary.md`` and the plots into ``output``.
+
+    With a target and paired seeds, every arm is compared with ``baseline`` (an arm's
+    label; default ``constant`` where present, else the first arm) in ``comparisons.csv``
+    and ``summary.md``.
+    """
     output.mkdir(parents=True, exist_ok=True)
     trials = trials_frame(records)
     summary = summarize(trials)
@@ -447,12 +492,14 @@ def write_outputs(records: Sequence[TrialRecord], output: Path, title: str) -> d
     }
     summary.to_csv(files["summary.csv"], index=False)
     trials.to_csv(files["trials.csv"], index=False)
-    comparisons = _comparisons(trials)
+    comparisons = _comparisons(trials, baseline)
     if comparisons is not None:
         files["comparisons.csv"] = output / "comparisons.csv"
         comparisons.to_csv(files["comparisons.csv"], index=False)
     files["summary.md"].write_text(
-        to_markdown(summary, title) + _comparison_markdown(comparisons) + _trouble(trials)
+        to_markdown(summary, title)
+        + _comparison_markdown(comparisons, int(trials["seed"].nunique()))
+        + _trouble(trials)
     )
     for path in plot_experiment(records, output):
         files[path.name] = path

@@ -65,7 +65,7 @@ def collect(
 ) -> Results:
     """Read the experiment folder (``only`` these trial folders) and write the summaries."""
     records = report.load_trials(experiment_dir, only)
-    files = report.write_outputs(records, exp.output_dir, title=exp.name)
+    files = report.write_outputs(records, exp.output_dir, title=exp.name, baseline=exp.baseline)
     return Results(
         experiment=exp,
         experiment_dir=experiment_dir,

@@ -233,6 +233,9 @@ def run(exp: Experiment) -> Results:
 
 def _run(exp: Experiment) -> Results:
     cells = exp.validate()
+    note = exp.power_note()
+    if note is not None:
+        warnings.warn(f"{note} The run goes on; its comparisons will say so.", stacklevel=3)
     import ray
 
     # Ray snapshots the experiment state whenever a trial has written num_to_keep
@@ -249,6 +252,9 @@ def _run(exp: Experiment) -> Results:
         ray_session(exp.address, exp.node_type_resource) as started,
     ):  # fmt: skip
         check_fits(resources, ray.cluster_resources(), strict=started and not exp.address)
+        # The experiment's settings on its parent run (as the user gave them; each
+        # child run carries its trial's resolved settings).
+        tracking.log_params(parent.handle, parent.handle.parent_run_id, exp.to_dict())
         storage.write_spec(exp, parent.handle)
         return _fit(exp, build_tuner(exp, parent.handle, cells), parent)
 

@@ -28,15 +28,46 @@ from scipy import stats
 
 #: A miss stands in as this many times the slowest hit when ranking differences.
 MISS_FACTOR = 10.0
+#: Informative pairs below which no bootstrap interval is given (it would be one value).
+MIN_CI_PAIRS = 3
+#: The significance level the reports and warnings speak of.
+ALPHA = 0.05
+
+
+def min_p(pairs: int) -> float:
+    """The smallest two-sided p-value an exact Wilcoxon test on ``pairs`` pairs can give:
+    every difference in one direction, ``2 / 2**pairs`` (1 for no pairs)."""
+    return 1.0 if pairs <= 0 else min(1.0, 2.0 / 2.0**pairs)
+
+
+def seeds_needed(comparisons: int = 1, alpha: float = ALPHA) -> int:
+    """The fewest paired seeds with which a winner on every seed reaches ``p < alpha``
+    after Holm's correction over ``comparisons`` (the smallest p is multiplied by it)."""
+    pairs = 1
+    while min_p(pairs) * max(1, comparisons) >= alpha:
+        pairs += 1
+    return pairs
+
+
+def power_note(pairs: int, comparisons: int, alpha: float = ALPHA) -> str | None:
+    """A warning when ``pairs`` seeds cannot show significance; ``None`` when they can."""
+    if min_p(pairs) * max(1, comparisons) < alpha:
+        return None
+    return (
+        f"with {pairs} paired seed(s) the smallest two-sided Wilcoxon p is "
+        f"{min_p(pairs):.3g}: no comparison can reach p < {alpha:g}"
+        + (f" after Holm's correction over {comparisons} comparisons" if comparisons > 1 else "")
+        + f". {seeds_needed(comparisons, alpha)} seeds could."
+    )
 
 
 @dataclass(frozen=True)
 class PairedTest:
     """The outcome of :func:`paired_test`."""
 
-    pairs: int  # pairs where at least one side reached the target
+    pairs: int  # informative pairs: at least one side reached the target
     statistic: float
-    p_value: float
+    p_value: float  # NaN when no pair is informative: no test can be formed
 
 
 def _as_array(values: Sequence[float]) -> np.ndarray:
@@ -53,8 +84,10 @@ def paired_test(policy: Sequence[float], baseline: Sequence[float]) -> PairedTes
     keep = np.isfinite(a) | np.isfinite(b)  # both missed: a tie, no information
     a, b = a[keep], b[keep]
     hits = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)]])
-    if len(a) == 0 or not (hits > 0).all():
-        return PairedTest(len(a), math.nan, 1.0)
+    if len(a) == 0:
+        return PairedTest(0, math.nan, math.nan)
+    if not (hits > 0).all():
+        raise ValueError("times to target must be > 0 (or inf, a miss).")
     stand_in = MISS_FACTOR * hits.max()
     diff = np.log(np.where(np.isfinite(a), a, stand_in)) - np.log(
         np.where(np.isfinite(b), b, stand_in)
@@ -82,7 +115,12 @@ def holm(p_values: Sequence[float]) -> list[float]:
 def speedup_ci(
     policy: Sequence[float], baseline: Sequence[float], *, seed: int = 0, resamples: int = 9999
 ) -> tuple[float, float, float]:
-    """Median speed-up of ``policy`` over ``baseline`` and its 95% bootstrap interval."""
+    """Median speed-up of ``policy`` over ``baseline`` and its 95% bootstrap interval.
+
+    Pairs where both missed carry no speed-up and are left out. With fewer than
+    :data:`MIN_CI_PAIRS` informative pairs the interval is NaN (reports print "n/a"):
+    resampling one or two values would only give them back.
+    """
     a, b = _as_array(policy), _as_array(baseline)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(
@@ -94,7 +132,9 @@ def speedup_ci(
     if len(ratio) == 0:
         return math.nan, math.nan, math.nan
     median = float(np.median(ratio))
-    if len(ratio) < 2 or np.all(ratio == ratio[0]):
+    if len(ratio) < MIN_CI_PAIRS:
+        return median, math.nan, math.nan
+    if np.all(ratio == ratio[0]):
         return median, median, median
     with np.errstate(invalid="ignore"):  # inf ratios: the percentile method copes
         ci = stats.bootstrap(
@@ -130,10 +170,13 @@ def compare(trials: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
 
 
 def accuracy_test(policy: Sequence[float], baseline: Sequence[float]) -> float:
-    """Two-sided Wilcoxon signed-rank p-value of paired final accuracies (1.0: no difference)."""
+    """Two-sided Wilcoxon signed-rank p-value of paired final accuracies (1.0: no
+    difference; NaN: no pair to test)."""
     a, b = np.asarray(policy, dtype=float), np.asarray(baseline, dtype=float)
     keep = np.isfinite(a) & np.isfinite(b)
     diff = a[keep] - b[keep]
+    if not len(diff):
+        return math.nan
     if not np.any(diff != 0):
         return 1.0
     return float(stats.wilcoxon(diff, zero_method="wilcox").pvalue)
@@ -142,7 +185,8 @@ def accuracy_test(policy: Sequence[float], baseline: Sequence[float]) -> float:
 def compare_pairs(trials: pd.DataFrame, pairs: Sequence[tuple[str, str, str]]) -> pd.DataFrame:
     """The comparisons ``(task, policy, baseline)`` on paired seeds; Holm across all rows.
 
-    Returns one row per pair with the number of paired seeds, the median speed-up in
+    Returns one row per pair with the number of paired seeds (``pairs``) and of those
+    where at least one side reached the target (``informative``), the median speed-up in
     steps and in wall seconds to target with 95% bootstrap intervals, the Wilcoxon
     p-values on log time to target (``steps_p``, ``wall_p``) and on final validation
     accuracy (``acc_p``, with ``acc_diff``, the median paired difference), and each
@@ -164,6 +208,7 @@ def compare_pairs(trials: pd.DataFrame, pairs: Sequence[tuple[str, str, str]]) -
             row.update(
                 {
                     "pairs": len(pair),
+                    "informative": test.pairs,
                     f"{label}_speedup": median,
                     f"{label}_ci_low": low,
                     f"{label}_ci_high": high,
@@ -210,13 +255,18 @@ def performance_profile(
 
 
 __all__ = [
+    "ALPHA",
+    "MIN_CI_PAIRS",
     "MISS_FACTOR",
     "PairedTest",
     "accuracy_test",
     "compare",
     "compare_pairs",
     "holm",
+    "min_p",
     "paired_test",
     "performance_profile",
+    "power_note",
+    "seeds_needed",
     "speedup_ci",
 ]

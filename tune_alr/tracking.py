@@ -3,8 +3,9 @@
 All writes happen in the driver, through ``MlflowClient`` (no global active run, so
 nothing leaks between experiments): :func:`prepare` creates the store, the MLflow
 experiment and the parent run before Ray starts any trial (two trials creating a new
-sqlite database at once fail), and :class:`MLflowTracking` is a Ray Tune callback that
-logs each trial's results as they arrive. The trainable knows nothing of MLflow.
+sqlite database at once fail), and ``tune_alr.mlflow_callback.MLflowTracking`` is the
+Ray Tune callback that logs each trial's results through :class:`TrialLogger` as they
+arrive. This module does not import Ray. The trainable knows nothing of MLflow.
 
 A child run is named ``<task>/<policy>/seed<k>`` and tagged with the Tune trial id, so a
 restarted trial or a resumed experiment continues its run instead of opening a second
@@ -26,14 +27,11 @@ import math
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
-
-from ray import tune
 
 from . import credentials
 
@@ -42,9 +40,33 @@ log = logging.getLogger(__name__)
 TRIAL_TAG = "tune_alr.trial_id"
 STATUS_TAG = "tune_alr.status"
 ERROR_TAG = "tune_alr.error"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
+#: MLflow 3's value of ``mlflow.experimentKind`` for model training: without it the UI
+#: opens an experiment on its GenAI overview (traces, token usage).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 _BATCH = 500  # MLflow accepts at most 1000 metrics per log_batch
-# "lr" in a report is the LR after its last step; the trace already holds one per step.
-_SKIP_METRICS = {"lr", "lr_trace", "lr_trace_start", "status", "config", "data_notes"}
+#: What a run's metrics are led by: no prefix, so MLflow lists and charts them first.
+MAIN_METRICS = ("val_acc", "val_loss", "lr", "train_loss", "best_val_acc", "test_acc",
+                "test_loss", "steps_to_target", "wall_s_to_target", "epochs_to_stable")  # fmt: skip
+#: Report keys logged under a section prefix (MLflow groups charts by prefix).
+_SECTIONS = {
+    "epoch": "train/epoch",
+    "skipped_steps": "train/skipped_steps",
+    "samples_per_s": "speed/samples_per_s",
+    "policy_ms_per_step": "speed/policy_ms_per_step",
+    "wall_s": "time/wall_s",
+    "window_s": "time/window_s",
+    "loop_s": "time/loop_s",
+    "restored_lr": "train/restored_lr",
+}
+#: Report keys that are not metrics: Ray Tune's bookkeeping, the per-step LR trace (``lr``
+#: is logged at every step from it), the step (the x axis) and the constants.
+_NOT_METRICS = {
+    "lr", "lr_trace", "lr_trace_start", "step", "status", "config", "total_steps",
+    "timestamp", "pid", "time_this_iter_s", "time_total_s", "training_iteration",
+    "iterations_since_restore", "time_since_restore", "done", "trial_id", "date",
+    "hostname", "node_ip", "checkpoint_dir_name", "should_checkpoint", "experiment_tag",
+}  # fmt: skip
 #: Report keys that become tags of the trial's run (strings, said once).
 _TAGS = {
     "data_notes": "tune_alr.data",
@@ -53,6 +75,8 @@ _TAGS = {
     "node_id": "tune_alr.node_id",
     "node_ip": "tune_alr.node_ip",
     "diverged_reason": "tune_alr.diverged_reason",
+    "reapplied": "tune_alr.reapplied",
+    "error": ERROR_TAG,
 }
 _SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
 
@@ -153,11 +177,15 @@ def prepare(uri: str, experiment: str, run_name: str, tags: Mapping[str, str]) -
             found = client.get_experiment_by_name(experiment)
             if found is None:
                 experiment_id = client.create_experiment(
-                    experiment, artifact_location=_artifact_location(uri)
+                    experiment,
+                    artifact_location=_artifact_location(uri),
+                    tags=dict([EXPERIMENT_KIND]),
                 )
             else:
                 experiment_id = found.experiment_id
-            parent = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+                if EXPERIMENT_KIND[0] not in found.tags:
+                    client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+            parent = client.create_run(experiment_id, run_name=run_name, tags=standard_tags(tags))
     except Exception as err:
         first = credentials.scrub(str(err)).strip().splitlines()[:1] or [""]
         raise ValueError(
@@ -182,6 +210,33 @@ def check_store(uri: str) -> None:
                 f"the tracking store {credentials.public_uri(uri)} cannot be used: "
                 f"{str(db)!r} is not an sqlite database ({err})."
             ) from None
+
+
+def standard_tags(tags: Mapping[str, str] | None = None) -> dict[str, str]:
+    """MLflow's standard run tags (user, source, git commit where known), the project's
+    version and the command line (secrets scrubbed), under ``tags``."""
+    import sys
+
+    from mlflow.tracking.context.registry import resolve_tags
+
+    from . import __version__
+
+    own = {
+        "tune_alr.version": __version__,
+        "tune_alr.command": credentials.scrub(" ".join(sys.argv))[:5000],
+    }
+    out: dict[str, str] = resolve_tags({**own, **dict(tags or {})})
+    return out
+
+
+def log_params(handle: Handle, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log ``params`` (nested dicts flattened with dots; ``None`` values left out)."""
+    from mlflow.entities import Param
+
+    flat = [Param(k, v) for k, v in _flatten(params).items()]
+    client = _client(handle.tracking_uri)
+    for i in range(0, len(flat), 100):
+        client.log_batch(run_id, params=flat[i : i + 100])
 
 
 def _check_reachable(uri: str, timeout: float = 3.0) -> None:
@@ -232,11 +287,16 @@ def log_artifacts(uri: str, run_id: str, artifacts: Iterable[Path]) -> None:
 
 
 def finish_parent(handle: Handle, status: str, artifacts: Iterable[Path] = ()) -> None:
-    """Attach the experiment's summary files to the parent run and end it."""
+    """Attach the experiment's summary files to the parent run and end it.
+
+    A ``summary.md`` among them also becomes the run's description (the UI's notes).
+    """
     client = _client(handle.tracking_uri)
     for path in artifacts:
         if path.is_file():
             client.log_artifact(handle.parent_run_id, str(path))
+            if path.name == "summary.md":
+                client.set_tag(handle.parent_run_id, NOTE_TAG, path.read_text()[:50_000])
     client.set_terminated(handle.parent_run_id, status)
 
 
@@ -282,7 +342,7 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             out.update(_flatten(value, f"{name}."))
-        else:
+        elif value is not None:  # unset: no param, never the string 'None'
             out[name] = str(value)[:6000]
     return out
 
@@ -305,6 +365,7 @@ class _TrialLog:
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # step, val_loss, val_acc
     epochs: list[float] = field(default_factory=list)  # the epoch of each curve point
     last_step: int = 0
+    constants_logged: bool = False
 
 
 class TrialLogger:
@@ -342,7 +403,9 @@ class TrialLogger:
         run = self._client.create_run(
             self.handle.experiment_id,
             run_name=trial_run_name(config),
-            tags={"mlflow.parentRunId": self.handle.parent_run_id, TRIAL_TAG: trial_id},
+            tags=standard_tags(
+                {"mlflow.parentRunId": self.handle.parent_run_id, TRIAL_TAG: trial_id}
+            ),
         )
         params = [Param(k, v) for k, v in _flatten(_resolved(config)).items()]
         for i in range(0, len(params), 100):
@@ -372,13 +435,21 @@ class TrialLogger:
             return
         now = int(time.time() * 1000)
         metrics = [
-            Metric(key, float(value), now, step)
+            Metric(_SECTIONS.get(key, key), float(value), now, step)
             for key, value in result.items()
-            if key not in _SKIP_METRICS
+            if key not in _NOT_METRICS
+            and not key.startswith("caps/")
             and isinstance(value, (int, float))
             and not isinstance(value, bool)
             and math.isfinite(value)
         ]
+        constants = {k: v for k, v in result.items() if k.startswith("caps/")}
+        if constants:  # once per start of the trial's process: what it ran under
+            for key, value in constants.items():
+                self._client.set_tag(state.run_id, f"tune_alr.{key.replace('/', '.')}", value)
+        if "total_steps" in result and not state.constants_logged:
+            self._client.log_param(state.run_id, "total_steps", int(result["total_steps"]))
+            state.constants_logged = True
         start = int(result.get("lr_trace_start", step + 1))
         for offset, lr in enumerate(result.get("lr_trace") or ()):
             lr_step = start + offset
@@ -445,58 +516,3 @@ def relog(
         last = record.results[-1] if record.results else {}
         logger.finish(record.trial_id, status, record.error or last.get("error"))
     return handle
-
-
-class MLflowTracking(tune.Callback):
-    """Ray Tune callback that logs every trial into a child run of the experiment's run.
-
-    Tracking never stops training: on the first error from the store it warns once and
-    logs nothing more for this experiment (``tune-alr report`` can re-log it later).
-    """
-
-    def __init__(self, handle: Handle) -> None:
-        self.handle = handle
-        self._logger: TrialLogger | None = None
-        self.failed: str | None = None
-
-    def _safely(self, what: str, fn: Any, *args: Any) -> None:
-        if self.failed is not None:
-            return
-        try:
-            if self._logger is None:
-                self._logger = TrialLogger(self.handle)
-            fn(self._logger, *args)
-        except Exception as err:  # any store failure: keep training, say so once
-            self.failed = f"{what}: {type(err).__name__}: {credentials.scrub(str(err))}"
-            warnings.warn(
-                f"MLflow tracking at {redact(self.handle.tracking_uri)} failed "
-                f"({self.failed}); "
-                "training goes on and Ray keeps every result in its experiment folder "
-                "(`tune-alr report <folder>` summarises it).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._safely("start", TrialLogger.start, trial.trial_id, trial.config)
-
-    def on_trial_result(
-        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-    ) -> None:
-        self._safely("start", TrialLogger.start, trial.trial_id, trial.config)
-        self._safely("result", TrialLogger.result, trial.trial_id, result)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        # A trial that met an error no retry would cure reports status "failed" and
-        # ends without raising (trainables.ray_trainable): its run ends FAILED all the same.
-        last = getattr(trial, "last_result", None) or {}
-        if last.get("status") == "failed":
-            error = str(last.get("error", ""))
-            self._safely("finish", TrialLogger.finish, trial.trial_id, "FAILED", error)
-        else:
-            self._safely("finish", TrialLogger.finish, trial.trial_id, "FINISHED")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = getattr(trial, "error_file", None)
-        message = Path(error).read_text()[-2000:] if error and Path(error).is_file() else None
-        self._safely("finish", TrialLogger.finish, trial.trial_id, "FAILED", message)

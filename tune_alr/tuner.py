@@ -71,7 +71,7 @@ def build_tuner(
     import trainables
 
     space = param_space(exp, cells)
-    callbacks: list[tune.Callback] = [tracking.MLflowTracking(handle)] if handle else []
+    callbacks = run_callbacks(handle, exp.verbose)
     return tune.Tuner(
         tune.with_resources(trainables.train, exp.ray_resources()),
         param_space=space,
@@ -90,9 +90,32 @@ def build_tuner(
             failure_config=tune.FailureConfig(max_failures=exp.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
             callbacks=callbacks,
-            verbose=exp.verbose,
+            verbose=ray_verbosity(exp.verbose),
         ),
     )
 
 
-__all__ = ["build_tuner", "param_space", "trial_dirname", "trial_name"]
+def ray_verbosity(verbose: int) -> int:
+    """Ray Tune's own verbosity for ours: 0 and 1 silence it (1 prints our table)."""
+    return 0 if verbose <= 1 else min(3, verbose)
+
+
+def run_callbacks(handle: tracking.Handle | None, verbose: int) -> list[Any]:
+    """MLflow logging (with a store) and, at ``verbose == 1``, the progress table."""
+    from .mlflow_callback import MLflowTracking
+    from .progress import ProgressTable
+
+    callbacks: list[Any] = [MLflowTracking(handle)] if handle else []
+    if verbose == 1:
+        callbacks.append(ProgressTable())
+    return callbacks
+
+
+__all__ = [
+    "build_tuner",
+    "param_space",
+    "ray_verbosity",
+    "run_callbacks",
+    "trial_dirname",
+    "trial_name",
+]

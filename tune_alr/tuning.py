@@ -41,7 +41,7 @@ from . import report, runner, tracking
 from .experiment import Arm, Experiment
 from .policies.base import check_int
 from .results import trial_folders
-from .tuner import trial_dirname, trial_name
+from .tuner import ray_verbosity, run_callbacks, trial_dirname, trial_name
 
 
 @dataclass(frozen=True)
@@ -174,8 +174,8 @@ def _run(search: Search, method: str, space: dict[str, Any], tune_config: Any) -
                 storage_path=str(storage),
                 # PBT restores members from their latest checkpoints: keep a few.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
-                callbacks=[tracking.MLflowTracking(parent.handle)],
-                verbose=search.verbose,
+                callbacks=run_callbacks(parent.handle, search.verbose),
+                verbose=ray_verbosity(search.verbose),
             ),
         )
         grid = tuner.fit()
