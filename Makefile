@@ -11,12 +11,12 @@ export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint typecheck check bench constraints clean
+.PHONY: demo test test-all browser-deps lint typecheck check bench constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,anchors]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,anchors,browser]'
 	touch $@
 
 ## demo: the main job on the embedded digits task; results in results/demo, MLflow in ./mlflow.db
@@ -25,6 +25,18 @@ demo: $(STAMP)
 
 ## test: the whole suite (uses ../shared/data when it is there)
 test: $(STAMP)
+	@if [ -d "$(SHARED_DATA)" ]; then export TUNE_ALR_DATA_DIR="$(SHARED_DATA)"; fi; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests
+
+## browser-deps: Debian's chromium and chromium-driver for the browser tests (as root; only if missing)
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "browser-deps: run as root to install chromium and chromium-driver" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
+## test-all: the whole suite and the browser tests (the MLflow UI in headless Chromium)
+test-all: $(STAMP) browser-deps
 	@if [ -d "$(SHARED_DATA)" ]; then export TUNE_ALR_DATA_DIR="$(SHARED_DATA)"; fi; \
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests
 

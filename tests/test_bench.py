@@ -99,8 +99,8 @@ def test_default_seeds_suffice_for_significance_after_holm() -> None:
 
     for b in (bench.Bench(), bench.Bench(tasks=["digits", "mnist"])):
         seeds = len(b.seed_list())
-        assert min_p(seeds) * b.comparison_count() < 0.05 <= min_p(seeds - 1) * (
-            b.comparison_count()
+        assert (
+            min_p(seeds) * b.comparison_count() < 0.05 <= min_p(seeds - 1) * (b.comparison_count())
         )
         assert b.power_note() is None
     few = bench.Bench(seeds=5)

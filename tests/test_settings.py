@@ -53,6 +53,8 @@ CASES: dict[str, tuple[Any, Any, tuple[str, ...]]] = {
     "target": (0.9, 0.9, ("exp", "trial", "task", "cli")),
     "profile": ("edge", "<edge>", ("exp", "cli")),
     "device": ("cpu", "cpu", ("trial", "task", "cli")),
+    "imports": (["json"], ("json",), ("trial", "task", "cli")),
+    "import_paths": (["<tmp>"], ("<tmp>",), ("trial", "task", "cli")),
 }
 GRID = {"task", "policy", "seed", "label"}
 #: Flags of ``tune-alr run`` for the fields that have one (the rest go through --set).
@@ -77,6 +79,10 @@ def _cli_args(field: str, value: Any, task: str, policy: str) -> list[str]:
         return [*args, "--policy-param", f"{policy}.interval=7"]
     if field == "task_params":
         return [*args, "--task-param", f"{task}.model=plan2"]
+    if field == "imports":
+        return [*args, "--import", value[0]]
+    if field == "import_paths":
+        return [*args, "--set", f"import_paths={json.dumps(value)}"]
     if field in FLAGS:
         return [*args, FLAGS[field], str(value)]
     return [*args, "--set", f"{field}={json.dumps(value)}"]
@@ -115,6 +121,8 @@ def test_a_value_given_each_way_reaches_the_trial(
     value, seen, _ = CASES[field]
     if value == "<tmp>":
         value = seen = str(tmp_path)
+    elif value == ["<tmp>"]:
+        value, seen = [str(tmp_path)], (str(tmp_path),)
     exp = _experiment(field, value, way, tmp_path)
     (config,) = exp.trial_configs()
     got = getattr(config, field)

@@ -49,7 +49,8 @@ RECOVERS = {
     ("hd", "logreg", "10x low"),
     ("feedback", "logreg", "10x low"),
     ("feedback", "logreg", "10x high"),
-    ("feedback", "mlp", "10x high"),
+    # ("feedback", "mlp", "10x high") recovered to 1.6x while a raise withheld by the
+    # guard's cooldown still counted in the streak; counted right, it ends at 1.77x.
     ("plan1-literal", "logreg", "10x low"),
 }
 

@@ -9,6 +9,8 @@ the same function on every grid point before Ray starts.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,35 @@ from .data import DataRequest, SplitPlan
 
 OPTIMIZERS = tuple(optimizers.available())
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def import_modules(names: Any, paths: Any = ()) -> None:
+    """Import each named module (its ``tasks.register`` / ``policies.register`` calls run),
+    searching ``paths`` too; ``ValueError`` naming one that cannot be imported."""
+    for label, values in (("imports", names), ("import_paths", paths)):
+        if isinstance(values, str) or not all(isinstance(n, str) and n for n in values):
+            raise ValueError(f"{label} must be a list of names, got {values!r}.")
+    for path in paths:
+        if path not in sys.path:
+            sys.path.append(path)
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ValueError(
+                f"cannot import {name!r} ({type(err).__name__}: {err}); a module named in "
+                "imports must be importable by the driver and by Ray's workers: installed, "
+                "on PYTHONPATH, or in a folder they share (import_paths)."
+            ) from None
+
+
+def module_root(name: str) -> str:
+    """The ``sys.path`` folder an imported module was found in (``a.b`` in ``/x/a/b.py``:
+    ``/x``), so that a worker on this machine finds it there too."""
+    module = sys.modules[name]
+    path = Path(module.__file__ or "").resolve()
+    depth = name.count(".") + (1 if path.name == "__init__.py" else 0)
+    return str(path.parents[depth])
 
 
 @dataclass(frozen=True)
@@ -58,6 +89,8 @@ class TrialConfig:
     label: str | None = None
     profile: Mapping[str, Any] | None = None
     device: str = "auto"
+    imports: tuple[str, ...] = ()
+    import_paths: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> TrialConfig:
@@ -79,6 +112,9 @@ class TrialConfig:
         for required in ("task", "policy"):
             if required not in config:
                 raise ValueError(f"a trial config needs {required!r}.")
+        # A task or policy of the user's registers itself when its module is imported:
+        # first, so that its name is known below, in the driver and in every worker.
+        import_modules(config.get("imports") or (), config.get("import_paths") or ())
         task = tasks.get(config["task"])
         merged = {**task.defaults, **config}
         if "lr" not in config and "optimizer" in config and config["optimizer"] in OPTIMIZERS:
@@ -86,6 +122,8 @@ class TrialConfig:
             anchor_lr = optimizers.default_lr(config["optimizer"])
             if anchor_lr is not None:
                 merged["lr"] = anchor_lr
+        merged["imports"] = tuple(merged.get("imports") or ())
+        merged["import_paths"] = tuple(merged.get("import_paths") or ())
         return cls(**merged).validated()
 
     def validated(self) -> TrialConfig:
@@ -199,6 +237,8 @@ class TrialConfig:
         out["policy_params"] = dict(self.policy_params)
         out["optimizer_params"] = dict(self.optimizer_params)
         out["task_params"] = dict(self.task_params)
+        out["imports"] = list(self.imports)
+        out["import_paths"] = list(self.import_paths)
         if self.profile is not None:
             out["profile"] = dict(self.profile)
         return out

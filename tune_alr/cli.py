@@ -158,6 +158,15 @@ def parser() -> argparse.ArgumentParser:
         help="a policy parameter, e.g. feedback.interval=50 (repeatable)",
     )
     run.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module to import first, in the driver and in every trial: one that "
+        "registers your own task or policy (repeatable)",
+    )
+    run.add_argument(
         "--task-param",
         action="append",
         default=[],
@@ -294,10 +303,16 @@ def _print_results(exp: Any, results: Any) -> int:
     print(f"Summary files:  {results.output_dir.resolve()}/ ({', '.join(sorted(results.files))})")
     print(f"Ray Tune trials: {results.experiment_dir}")
     print(f"MLflow store:   {redact(results.tracking_uri)}")
+    from .tracking import training_view
+
     ui = "tune-alr ui"
     if exp.tracking_uri:
         ui += f" --tracking-uri {shlex.quote(redact(exp.tracking_uri))}"
-    print(f"Open the MLflow UI with:  {ui}   (then browse http://127.0.0.1:5000)")
+    browse = "http://127.0.0.1:5000"
+    if results.experiment_id is not None:
+        browse = training_view(browse, results.experiment_id)
+    print(f"Open the MLflow UI with:  {ui}")
+    print(f"  then browse:  {browse}")
     failed = summary["failed"].sum()
     return 1 if failed else 0
 
@@ -350,6 +365,8 @@ def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
                 f"--set {key}={trial[key]!r}."
             )
         trial[key] = value
+    if args.imports:
+        trial["imports"] = [*trial.get("imports", []), *args.imports]
     fields["trial"] = trial
     fields["policy_params"] = _nested(args.policy_param, "--policy-param", "policy")
     return fields

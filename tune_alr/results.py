@@ -28,6 +28,7 @@ class Results:
     output_dir: Path
     tracking_uri: str
     parent_run_id: str | None
+    experiment_id: str | None
     files: dict[str, Path]
     records: list[report.TrialRecord]
 
@@ -62,6 +63,7 @@ def collect(
     experiment_dir: Path,
     parent_run_id: str | None,
     only: set[str] | None = None,
+    experiment_id: str | None = None,
 ) -> Results:
     """Read the experiment folder (``only`` these trial folders) and write the summaries."""
     records = report.load_trials(experiment_dir, only)
@@ -72,6 +74,7 @@ def collect(
         output_dir=exp.output_dir,
         tracking_uri=credentials.public_uri(exp.uri),
         parent_run_id=parent_run_id,
+        experiment_id=experiment_id,
         files=files,
         records=records,
     )

@@ -28,7 +28,7 @@ from typing import Any
 from . import credentials, storage, tracking
 from .experiment import Experiment
 from .results import Results, collect, summary_files, trial_folders
-from .tuner import build_tuner, param_space
+from .tuner import build_tuner, param_space, quiet_ray_output
 
 #: The address a Ray started here binds to: this machine only.
 LOOPBACK = "127.0.0.1"
@@ -200,13 +200,14 @@ def check_fits(
 
 def _fit(exp: Experiment, tuner: Any, parent: Parent) -> Results:
     """Run ``tuner`` (the driver's system metrics logged meanwhile), collect its trials."""
-    with tracking.system_metrics(parent.handle):
+    with tracking.system_metrics(parent.handle), quiet_ray_output(exp.verbose):
         grid = tuner.fit()
     results = collect(
         exp,
         storage.local_copy(exp, grid.experiment_path),
         parent.handle.parent_run_id,
         trial_folders(grid),
+        parent.handle.experiment_id,
     )
     if results.all_failed:
         parent.status = "FAILED"

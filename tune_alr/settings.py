@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from trainables import tasks as task_registry
-from trainables.config import TrialConfig
+from trainables.config import TrialConfig, import_modules, module_root
 from trainables.hub import DATA_DIR_ENV
 
 from . import optimizers
@@ -154,6 +154,11 @@ def experiment_level(exp: Experiment) -> dict[str, Given]:
         out["profile"] = Given(profile.to_dict(), "Experiment.profile (--profile)", 4)
     trial = dict(exp.trial)
     _check_trial_keys(trial, "trial")
+    imports = trial.get("imports") or ()
+    if imports and "import_paths" not in trial:
+        # Where the driver found them: Ray's workers on this machine look there too.
+        roots = sorted({module_root(name) for name in imports})
+        out["import_paths"] = Given(roots, "the imports' folders", 3)
     for key, value in trial.items():
         place = f"trial[{key!r}] (--set {key}=...)"
         have = out.get(key)
@@ -354,6 +359,8 @@ def resolve(exp: Experiment) -> list[Cell]:
         unknown = sorted(set(table) - set(exp.tasks))
         if unknown:
             raise ValueError(f"{label} given for {unknown}, which are not in tasks.")
+    # The user's own tasks and policies register themselves on import (TrialConfig.imports).
+    import_modules(exp.trial.get("imports") or (), exp.trial.get("import_paths") or ())
     usage = _Usage()
     experiment = experiment_level(exp)
     cells = []

@@ -169,6 +169,8 @@ def prepare(uri: str, experiment: str, run_name: str, tags: Mapping[str, str]) -
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+    # "Creating initial MLflow database tables..." at INFO: set-up chatter, not news.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         # Two drivers creating one new sqlite store at once collide in MLflow's schema
         # set-up: they take turns here (the lock is the folder's, no file is left).
@@ -210,6 +212,25 @@ def check_store(uri: str) -> None:
                 f"the tracking store {credentials.public_uri(uri)} cannot be used: "
                 f"{str(db)!r} is not an sqlite database ({err})."
             ) from None
+
+
+def training_view(base_url: str, experiment_id: str) -> str:
+    """The UI address of an experiment's runs in MLflow's training view.
+
+    MLflow 3.17's UI opens an experiment on its GenAI overview unless the address says
+    ``workflowType=machine_learning`` (it does not yet follow the experiment's
+    ``mlflow.experimentKind`` tag, which this project sets too: mlflow/mlflow#24498).
+    """
+    return (
+        f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    )
+
+
+def latest_experiment(uri: str) -> tuple[str, str] | None:
+    """``(id, name)`` of the store's most recently updated experiment, if any."""
+    client = _client(uri)
+    found = client.search_experiments(order_by=["last_update_time DESC"], max_results=1)
+    return (found[0].experiment_id, found[0].name) if found else None
 
 
 def standard_tags(tags: Mapping[str, str] | None = None) -> dict[str, str]:

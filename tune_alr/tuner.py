@@ -7,7 +7,9 @@ trial is looked up from its (task, arm) cell, resolved completely by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import tracking
@@ -95,6 +97,28 @@ def build_tuner(
     )
 
 
+@contextlib.contextmanager
+def quiet_ray_output(verbose: int) -> Iterator[None]:
+    """During ``Tuner.fit``: Ray Tune's output engine off unless ``verbose >= 2``.
+
+    Ray Tune's newer engine prints its experiment box, a results path and a TensorBoard
+    hint even at verbosity 0; its older one prints nothing at 0. ``RAY_AIR_NEW_OUTPUT``
+    chooses between them when ``fit`` starts; the user's own setting is restored after.
+    """
+    if verbose >= 2:
+        yield
+        return
+    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
+
+
 def ray_verbosity(verbose: int) -> int:
     """Ray Tune's own verbosity for ours: 0 and 1 silence it (1 prints our table)."""
     return 0 if verbose <= 1 else min(3, verbose)
@@ -114,6 +138,7 @@ def run_callbacks(handle: tracking.Handle | None, verbose: int) -> list[Any]:
 __all__ = [
     "build_tuner",
     "param_space",
+    "quiet_ray_output",
     "ray_verbosity",
     "run_callbacks",
     "trial_dirname",

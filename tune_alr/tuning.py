@@ -41,7 +41,13 @@ from . import report, runner, tracking
 from .experiment import Arm, Experiment
 from .policies.base import check_int
 from .results import trial_folders
-from .tuner import ray_verbosity, run_callbacks, trial_dirname, trial_name
+from .tuner import (
+    quiet_ray_output,
+    ray_verbosity,
+    run_callbacks,
+    trial_dirname,
+    trial_name,
+)
 
 
 @dataclass(frozen=True)
@@ -178,7 +184,8 @@ def _run(search: Search, method: str, space: dict[str, Any], tune_config: Any) -
                 verbose=ray_verbosity(search.verbose),
             ),
         )
-        grid = tuner.fit()
+        with quiet_ray_output(search.verbose):
+            grid = tuner.fit()
         experiment_dir = storage / search.run_name(method)
         records = report.load_trials(experiment_dir, trial_folders(grid))
         if all(r.status not in ("finished", "diverged") for r in records):

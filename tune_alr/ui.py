@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import credentials
+from .tracking import latest_experiment, training_view
 
 #: How long the server may take to answer (it imports MLflow and migrates the store).
 READY_TIMEOUT_S = 300.0
@@ -56,24 +57,31 @@ def serve(uri: str, host: str, port: int) -> int:
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     command = [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port),
                "--workers", "1"]  # fmt: skip
-    # The server's own log (request lines, start-up chatter) goes to a file, shown when
-    # it fails to start; the terminal gets the address.
-    with tempfile.NamedTemporaryFile(prefix="tune-alr-ui-", suffix=".log", delete=False) as log:
+    # The server's own log (request lines, start-up chatter) goes to a file, kept and
+    # shown only when the server fails; the terminal gets the address.
+    log = Path(tempfile.mkstemp(prefix="tune-alr-ui-", suffix=".log")[1])
+    keep_log = False
+    with log.open("wb") as out:
         proc = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
 
-        def stop(signum: int, frame: FrameType | None) -> None:
-            _stop(proc)
-            raise SystemExit(128 + signum)
+    def stop(signum: int, frame: FrameType | None) -> None:
+        # Only unwind: the ``finally`` below ends the server (waiting on it here, inside
+        # the interrupted wait, would block on the lock that wait holds).
+        raise SystemExit(128 + signum)
 
-        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            return _wait(proc, f"http://{host}:{port}", uri, Path(log.name))
-        finally:
-            _stop(proc)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        status = _wait(proc, f"http://{host}:{port}", uri, log)
+        keep_log = status != 0
+        return status
+    finally:
+        _stop(proc)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if not keep_log:
+            log.unlink(missing_ok=True)
 
 
 def _wait(proc: subprocess.Popen[bytes], url: str, uri: str, log: Path) -> int:
@@ -90,9 +98,20 @@ def _wait(proc: subprocess.Popen[bytes], url: str, uri: str, log: Path) -> int:
                   f"{READY_TIMEOUT_S:.0f} s; its log: {log}", file=sys.stderr)  # fmt: skip
             return 1
         time.sleep(0.5)
-    print(f"MLflow UI on {url} (store {credentials.public_uri(uri)}); Ctrl-C stops it. "
-          f"Server log: {log}", flush=True)  # fmt: skip
+    print(f"MLflow UI on {url} (store {credentials.public_uri(uri)}); Ctrl-C stops it.")
+    latest = _latest(uri)
+    if latest is not None:
+        print(f"Training view of {latest[1]!r}: {training_view(url, latest[0])}")
+    sys.stdout.flush()
     return proc.wait()
+
+
+def _latest(uri: str) -> tuple[str, str] | None:
+    """The store's latest experiment, or ``None`` when it cannot be read (never fatal)."""
+    try:
+        return latest_experiment(uri)
+    except Exception:  # the UI is up either way; the link is a convenience
+        return None
 
 
 __all__ = ["READY_TIMEOUT_S", "serve"]
