@@ -23,19 +23,27 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/tune-alr demo
 
-## test: the whole suite (uses ../shared/data when it is there)
+## test: the fast suite a developer runs often: unit tests and the Ray tests that need no
+## root (uses ../shared/data when it is there); `make test-all` adds the heavy ones
 test: $(STAMP)
 	@if [ -d "$(SHARED_DATA)" ]; then export TUNE_ALR_DATA_DIR="$(SHARED_DATA)"; fi; \
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 -m "not heavy" tests
 
-## browser-deps: Debian's chromium and chromium-driver for the browser tests (as root; only if missing)
+## browser-deps: Debian's chromium and chromium-driver for the browser tests, where missing
+## (as root); where they cannot be installed the browser tests skip and say why
 browser-deps:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
-	  if [ "$$(id -u)" != 0 ]; then echo "browser-deps: run as root to install chromium and chromium-driver" >&2; exit 1; fi; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "browser-deps: not root, chromium not installed: the browser tests will skip" >&2; \
+	  else \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium chromium-driver >/dev/null) \
+	    || echo "browser-deps: apt-get failed: the browser tests will skip" >&2; \
+	  fi; \
 	fi
 
-## test-all: the whole suite and the browser tests (the MLflow UI in headless Chromium)
+## test-all: everything, the heavy tests too (cluster end to end, process kills, outages,
+## the MLflow UI in headless Chromium); what CI runs
 test-all: $(STAMP) browser-deps
 	@if [ -d "$(SHARED_DATA)" ]; then export TUNE_ALR_DATA_DIR="$(SHARED_DATA)"; fi; \
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests

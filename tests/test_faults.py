@@ -54,6 +54,7 @@ def _assert_lr_history_is_whole(client: Any, run_id: str, steps: int) -> None:
     assert sorted(m.step for m in history) == list(range(1, steps + 1))  # no gap, no repeat
 
 
+@pytest.mark.heavy
 def test_a_killed_trial_worker_resumes_exactly(ray_session: None, tmp_path: Path) -> None:
     exp = Experiment(
         name="trialkill",
@@ -131,6 +132,7 @@ def _sabotage_newest_two(trial_dir: Path) -> int:
     return loop.load_checkpoint(third).step
 
 
+@pytest.mark.heavy
 def test_a_spoiled_newest_checkpoint_falls_back_to_an_older_one(
     ray_session: None, tmp_path: Path
 ) -> None:
@@ -247,6 +249,7 @@ def _end_leftovers(marker: str) -> None:
                 proc.kill()
 
 
+@pytest.mark.heavy
 def test_a_killed_driver_resumes_the_unfinished_trials_only(tmp_path: Path) -> None:
     ray_tmp = tempfile.mkdtemp(prefix="tar-dk-", dir="/tmp")  # short: socket path limit
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}

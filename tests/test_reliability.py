@@ -45,6 +45,7 @@ def test_trials_that_all_fail_end_failed_in_mlflow_and_the_cli(
     assert ",2,0,0,2," in summary  # seeds 2, finished 0, diverged 0, failed 2
 
 
+@pytest.mark.heavy
 def test_a_second_run_into_the_same_folders_is_refused_at_once(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["run", "--name", "twice", "--policies", "constant", "--seeds", "1", "--epochs",
@@ -75,6 +76,7 @@ def test_a_second_run_into_the_same_folders_is_refused_at_once(tmp_path: Path) -
     assert cli.main(["resume", str(tmp_path / "out/ray/twice")]) == 0
 
 
+@pytest.mark.heavy
 def test_two_drivers_creating_one_new_sqlite_store_both_succeed(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
     code = (

@@ -59,6 +59,7 @@ def _results(folder: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_pbt_exploits_continue_with_the_donors_state_and_the_perturbed_lr(
     ray_session: None, tmp_path: Path
 ) -> None:

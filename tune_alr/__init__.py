@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Arm": "experiment",
     "Experiment": "experiment",
+    "PolicyStopper": "stopper",
     "Results": "results",
     "resume": "runner",
     "run": "runner",

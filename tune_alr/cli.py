@@ -55,6 +55,17 @@ def _assignments(items: Sequence[str], what: str) -> dict[str, Any]:
     return out
 
 
+def _raw_assignments(items: Sequence[str], what: str) -> dict[str, str]:
+    """``key=value`` pairs, values kept as text."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} must look like key=value, got {item!r}.")
+        out[key] = value
+    return out
+
+
 def _nested(items: Sequence[str], flag: str, owner: str) -> dict[str, dict[str, Any]]:
     """``OWNER.NAME=VALUE`` assignments (``--policy-param``, ``--task-param``) by owner."""
     out: dict[str, dict[str, Any]] = {}
@@ -156,6 +167,35 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         metavar="POLICY.NAME=VALUE",
         help="a policy parameter, e.g. feedback.interval=50 (repeatable)",
+    )
+    run.add_argument(
+        "--scheduler",
+        help="Ray Tune scheduler: fifo (default), asha, hyperband, median, pbt, pb2",
+    )
+    run.add_argument(
+        "--scheduler-param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a scheduler option, e.g. grace_period=3 (in reports; repeatable)",
+    )
+    run.add_argument(
+        "--search", help="grid (default: every task x policy x seed) or optuna (TPE)"
+    )
+    run.add_argument("--num-samples", type=int, help="trials of a search (--search optuna)")
+    run.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="KEY=KIND:ARGS",
+        help="a searched setting: lr=log:1e-4:1e-1, optimizer=choice:sgd,adam, "
+        "feedback.interval=int:10:200 (repeatable; default for searches: the LR)",
+    )
+    run.add_argument(
+        "--stopper",
+        action="store_true",
+        help="stop trials that reached --target, sit at chance level, or whose policy's LR "
+        "is pinned at a bound while the loss rises (tune_alr.PolicyStopper)",
     )
     run.add_argument(
         "--import",
@@ -367,6 +407,18 @@ def _run_fields(args: argparse.Namespace) -> dict[str, Any]:
         trial[key] = value
     if args.imports:
         trial["imports"] = [*trial.get("imports", []), *args.imports]
+    for key, value in (("scheduler", args.scheduler), ("search", args.search),
+                       ("num_samples", args.num_samples)):  # fmt: skip
+        if value is not None:
+            fields[key] = value
+    if args.scheduler_param:
+        fields["scheduler_params"] = _assignments(args.scheduler_param, "--scheduler-param")
+    if args.space:
+        fields["space"] = {k: str(v) for k, v in _raw_assignments(args.space, "--space").items()}
+    if args.stopper:
+        from .stopper import PolicyStopper
+
+        fields["stopper"] = PolicyStopper(target=fields.get("target"))
     fields["trial"] = trial
     fields["policy_params"] = _nested(args.policy_param, "--policy-param", "policy")
     return fields

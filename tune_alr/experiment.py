@@ -113,6 +113,17 @@ class Experiment:
         tracking_uri: MLflow store; default ``sqlite:///<cwd>/mlflow.db``.
         address: a Ray cluster address (``"auto"``, ``ray://host:10001``) or ``None`` to
             start Ray on this machine.
+        scheduler: Ray Tune's trial scheduler: ``fifo`` (none), ``asha``, ``hyperband``,
+            ``median``, ``pbt`` or ``pb2`` (``tune_alr.scheduling``), on validation
+            accuracy; ``scheduler_params`` sets its options (e.g. ``{"grace_period": 3}``,
+            in reports).
+        search: ``grid`` (every task x arm x seed) or ``optuna`` (``num_samples`` trials
+            on one task, TPE choosing the arm and the values of ``space``).
+        num_samples: the trials of a search.
+        space: searched settings, ``{"lr": "log:1e-4:1e-1", "feedback.interval":
+            "int:10:200"}`` (``tune_alr.scheduling``); searches and PBT/PB2 default to
+            the LR over 1e-4..1e-1.
+        stopper: a Ray Tune stopper, e.g. ``tune_alr.PolicyStopper(target=0.97)``.
         verbose: what the terminal shows: 0 nothing, 1 tune-alr's progress table (a row
             per running trial, every 15 s, and each trial once when it ends), 2 or 3
             Ray Tune's own output at that verbosity (its config and result boxes).
@@ -145,6 +156,12 @@ class Experiment:
     storage: str | os.PathLike[str] | None = None
     tracking_uri: str | None = None
     address: str | None = None
+    scheduler: str = "fifo"
+    scheduler_params: Mapping[str, Any] = field(default_factory=dict)
+    search: str = "grid"
+    num_samples: int = 1
+    space: Mapping[str, str] = field(default_factory=dict)
+    stopper: Any = None
     verbose: int = 1
 
     # -- derived -----------------------------------------------------------------
@@ -312,6 +329,14 @@ class Experiment:
         ):
             raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget!r}.")
         self.ray_resources()  # the profile or the plain resources
+        from . import scheduling
+
+        scheduling.check(self)
+        if self.stopper is not None and not callable(self.stopper):
+            raise ValueError(
+                f"stopper must be a Ray Tune stopper (e.g. tune_alr.PolicyStopper), "
+                f"got {self.stopper!r}."
+            )
         cells = self.cells()
         settings.trial_configs(self, cells)  # every value of every trial
         storage.check_local_data(cells)
@@ -354,6 +379,8 @@ class Experiment:
         ]
         if isinstance(self.profile, hardware.Profile):
             fields["profile"] = self.profile.to_dict()
+        # A stopper is an object: the saved spec keeps a PolicyStopper's settings.
+        fields["stopper"] = stopper_settings(self.stopper)
         # The store's public form only: credentials never reach a file (credentials.py).
         if self.tracking_uri is not None:
             fields["tracking_uri"] = credentials.public_uri(self.tracking_uri)
@@ -366,10 +393,30 @@ class Experiment:
     def from_dict(cls, fields: Mapping[str, Any]) -> Experiment:
         """The inverse of :meth:`to_dict`."""
         values = dict(fields)
+        if isinstance(values.get("stopper"), Mapping):
+            from .stopper import PolicyStopper
+
+            values["stopper"] = PolicyStopper(**values["stopper"])
         values["policies"] = [
             Arm(**p) if isinstance(p, Mapping) else p for p in values.get("policies", [])
         ]
         return cls(**values)
+
+
+def stopper_settings(stopper: Any) -> dict[str, Any] | None:
+    """A ``PolicyStopper``'s settings, from which a resumed run rebuilds it; ``None`` for
+    another kind of stopper (a resume then goes on without it, as its docstring says)."""
+    from .stopper import PolicyStopper
+
+    if not isinstance(stopper, PolicyStopper):
+        return None
+    return {
+        "target": stopper.target,
+        "chance_patience": stopper.chance_patience,
+        "chance_margin": stopper.chance_margin,
+        "pinned_patience": stopper.pinned_patience,
+        "worse_by": stopper.worse_by,
+    }
 
 
 def _plain(value: Any) -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 from ray import tune
 
 from . import credentials
+from .stopper import StopRecorder
 from .tracking import Handle, TrialLogger
 
 
@@ -24,8 +25,9 @@ class MLflowTracking(tune.Callback):
     logs nothing more for this experiment (``tune-alr report`` can re-log it later).
     """
 
-    def __init__(self, handle: Handle) -> None:
+    def __init__(self, handle: Handle, recorder: StopRecorder | None = None) -> None:
         self.handle = handle
+        self.recorder = recorder
         self._logger: TrialLogger | None = None
         self.failed: str | None = None
 
@@ -60,9 +62,13 @@ class MLflowTracking(tune.Callback):
         # A trial that met an error no retry would cure reports status "failed" and
         # ends without raising (trainables.ray_trainable): its run ends FAILED all the same.
         last = getattr(trial, "last_result", None) or {}
+        stopped = self.recorder.reason(trial) if self.recorder is not None else None
         if last.get("status") == "failed":
             error = str(last.get("error", ""))
             self._safely("finish", TrialLogger.finish, trial.trial_id, "FAILED", error)
+        elif stopped is not None:
+            # Stopped early by a scheduler or the stopper: not failed, not finished.
+            self._safely("finish", TrialLogger.stop, trial.trial_id, stopped)
         else:
             self._safely("finish", TrialLogger.finish, trial.trial_id, "FINISHED")
 

@@ -22,6 +22,7 @@ SUMMARY_COLUMNS = [
     "seeds",
     "finished",
     "diverged",
+    "stopped",
     "failed",
     "val_acc_mean",
     "val_acc_std",
@@ -41,7 +42,12 @@ SUMMARY_COLUMNS = [
     "cpu_s_mean",
     "peak_rss_mb_mean",
     "policy_ms_per_step_mean",
+    "cpu_s_total",
+    "steps_total",
 ]
+
+#: The file a trial stopped early gets (``tune_alr.stopper``; read here without Ray).
+STOP_FILE = "tune_alr_stopped.json"
 
 #: Relative improvement of the best validation loss below which it counts as stable.
 STABLE_TOLERANCE = 0.01
@@ -76,6 +82,7 @@ class TrialRecord:
     config: dict[str, Any]
     results: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    stop_reason: str | None = None  # why a scheduler or the stopper ended it early
 
     @property
     def trial_id(self) -> str:
@@ -85,12 +92,15 @@ class TrialRecord:
 
     @property
     def status(self) -> str:
-        """``finished``, ``diverged``, ``failed`` (an error, retried or not) or
-        ``incomplete`` (stopped before its end, e.g. an interrupted run)."""
+        """``finished``, ``diverged``, ``failed`` (an error, retried or not), ``stopped``
+        (ended early by a scheduler or the stopper, :attr:`stop_reason`) or
+        ``incomplete`` (an interrupted run)."""
         last = self.results[-1] if self.results else {}
         if last.get("status") in ("finished", "diverged"):
             return str(last["status"])
-        return "failed" if self.error or last.get("status") == "failed" else "incomplete"
+        if self.error or last.get("status") == "failed":
+            return "failed"
+        return "stopped" if self.stop_reason else "incomplete"
 
     def lr_path(self) -> tuple[list[int], list[float]]:
         """Steps and LR at every optimizer step, from the reports' ``lr_trace``."""
@@ -140,12 +150,16 @@ def load_trials(
         if only is not None and folder.name not in only:
             continue
         error_file = folder / "error.txt"
+        stop_file = folder / STOP_FILE
         records.append(
             TrialRecord(
                 path=folder,
                 config=json.loads(params.read_text()),
                 results=_read_json_lines(folder / "result.json"),
                 error=error_file.read_text() if error_file.is_file() else None,
+                stop_reason=(
+                    json.loads(stop_file.read_text()).get("reason") if stop_file.is_file() else None
+                ),
             )
         )
     if not records:
@@ -189,6 +203,10 @@ def trials_frame(records: Iterable[TrialRecord]) -> pd.DataFrame:
                     default=math.nan,
                 ),
                 "policy_ms_per_step": last.get("policy_ms_per_step", math.nan),
+                # compute spent: every optimizer step this trial ran itself (a restart's
+                # replayed steps and a PBT member's donor's steps are not its own)
+                "steps_run": sum(len(r.get("lr_trace") or ()) for r in record.results),
+                "stop_reason": record.stop_reason or "",
                 "diverged_reason": last.get("diverged_reason", ""),
                 "error": (record.error or str(last.get("error", ""))).strip().splitlines()[-1:]
                 or "",
@@ -219,7 +237,12 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
             "seeds": len(group),
             "finished": int((group["status"] == "finished").sum()),
             "diverged": int((group["status"] == "diverged").sum()),
-            "failed": int((~group["status"].isin(["finished", "diverged"])).sum()),
+            "stopped": int((group["status"] == "stopped").sum()),
+            "failed": int((~group["status"].isin(["finished", "diverged", "stopped"])).sum()),
+            # equal-compute comparisons: what the arm spent over all its trials, stopped
+            # and failed ones included
+            "cpu_s_total": float(group["cpu_s"].fillna(0).sum()),
+            "steps_total": int(group["steps_run"].sum()),
         }
         for metric in ("val_acc", "val_loss", "test_acc"):
             row[f"{metric}_mean"] = ok[metric].mean()
@@ -250,15 +273,14 @@ def to_markdown(summary: pd.DataFrame, title: str = "Summary") -> str:
     head = (
         "| task | policy | seeds | val acc % | val loss | test acc % | steps | wall s "
         "| final lr | epochs to stable | steps to target (hits) | CPU s | peak RSS MiB "
-        "| policy ms/step |"
+        "| policy ms/step | compute: CPU s, steps (all trials) |"
     )
-    lines = [f"# {title}", "", head, "|" + " --- |" * 14]
+    lines = [f"# {title}", "", head, "|" + " --- |" * 15]
     for _, r in summary.iterrows():
         notes = []
-        if r["diverged"]:
-            notes.append(f"{r['diverged']} diverged")
-        if r["failed"]:
-            notes.append(f"{r['failed']} failed")
+        for state in ("diverged", "stopped", "failed"):
+            if r[state]:
+                notes.append(f"{r[state]} {state}")
         seeds = f"{r['seeds']}" + (f" ({', '.join(notes)})" if notes else "")
         lines.append(
             f"| {r['task']} | {r['policy']} | {seeds} "
@@ -269,7 +291,8 @@ def to_markdown(summary: pd.DataFrame, title: str = "Summary") -> str:
             f"| {r['epochs_to_stable_mean']:.2f} "
             f"| {_target_cell(r['steps_to_target_median'], r['target_hits'], r['seeds'])} "
             f"| {format_num(r['cpu_s_mean'], '.1f')} | {format_num(r['peak_rss_mb_mean'], '.0f')} "
-            f"| {format_num(r['policy_ms_per_step_mean'], '.3f')} |"
+            f"| {format_num(r['policy_ms_per_step_mean'], '.3f')} "
+            f"| {r['cpu_s_total']:.1f}, {r['steps_total']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -293,8 +316,11 @@ def format_table(summary: pd.DataFrame) -> str:
     columns = [
         "task", "policy", "seeds", "val_acc_mean", "val_acc_std", "val_loss_mean",
         "test_acc_mean", "steps_mean", "wall_s_mean", "final_lr_mean", "epochs_to_stable_mean",
-        "cpu_s_mean", "peak_rss_mb_mean", "policy_ms_per_step_mean",
+        "cpu_s_mean", "peak_rss_mb_mean", "policy_ms_per_step_mean", "cpu_s_total",
+        "steps_total",
     ]  # fmt: skip
+    if summary["stopped"].any():
+        columns.insert(3, "stopped")
     if summary["steps_to_target_median"].notna().any():
         columns += ["target_hits", "steps_to_target_median"]
     return summary[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}")
@@ -461,16 +487,23 @@ def format_p(value: float) -> str:
 
 
 def _trouble(trials: pd.DataFrame) -> str:
-    """The trials that diverged or failed, each with its reason (Markdown)."""
-    lines = []
+    """The trials stopped early, and those that diverged or failed, each with its reason
+    (Markdown)."""
+    lines, stopped = [], []
     for _, t in trials.iterrows():
+        name = f"{t['task']}/{t['policy']}/seed{t['seed']}"
         if t["status"] == "diverged":
-            lines.append(f"- {t['task']}/{t['policy']}/seed{t['seed']}: diverged: "
-                         f"{t['diverged_reason'] or 'no reason recorded'}")  # fmt: skip
+            lines.append(f"- {name}: diverged: {t['diverged_reason'] or 'no reason recorded'}")
+        elif t["status"] == "stopped":
+            stopped.append(f"- {name}: {t['stop_reason']}")
         elif t["status"] != "finished":
-            lines.append(f"- {t['task']}/{t['policy']}/seed{t['seed']}: {t['status']}: "
-                         f"{t['error'] or 'no error recorded'}")  # fmt: skip
-    return "\n## Trials that did not finish cleanly\n\n" + "\n".join(lines) + "\n" if lines else ""
+            lines.append(f"- {name}: {t['status']}: {t['error'] or 'no error recorded'}")
+    out = ""
+    if stopped:
+        out += "\n## Trials stopped early\n\n" + "\n".join(stopped) + "\n"
+    if lines:
+        out += "\n## Trials that did not finish cleanly\n\n" + "\n".join(lines) + "\n"
+    return out
 
 
 def write_outputs(

@@ -28,7 +28,7 @@ from typing import Any
 from . import credentials, storage, tracking
 from .experiment import Experiment
 from .results import Results, collect, summary_files, trial_folders
-from .tuner import build_tuner, param_space, quiet_ray_output
+from .tuner import build_tuner, quiet_ray_output, tuner_space
 
 #: The address a Ray started here binds to: this machine only.
 LOOPBACK = "127.0.0.1"
@@ -323,7 +323,7 @@ def _resume(path: str | os.PathLike[str], tracking_uri: str | None) -> Results:
             trainable=tune.with_resources(trainables.train, exp.ray_resources()),
             # Trials not started yet hold placeholders for the looked-up settings,
             # which only a re-given param space fills.
-            param_space=param_space(exp, cells),
+            param_space=tuner_space(exp, cells),
             resume_unfinished=True,
             resume_errored=True,
         )

@@ -41,6 +41,7 @@ TRIAL_TAG = "tune_alr.trial_id"
 STATUS_TAG = "tune_alr.status"
 ERROR_TAG = "tune_alr.error"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
+STOP_TAG = "tune_alr.stop_reason"
 #: MLflow 3's value of ``mlflow.experimentKind`` for model training: without it the UI
 #: opens an experiment on its GenAI overview (traces, token usage).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -485,6 +486,16 @@ class TrialLogger:
             state.epochs.append(float(result.get("epoch", math.nan)))
         state.last_step = step
 
+    def stop(self, trial_id: str, reason: str) -> None:
+        """End the run of a trial stopped before its last step: KILLED (MLflow's word for
+        a run ended from outside), tagged ``tune_alr.status=stopped`` with the reason."""
+        state = self._trials.get(trial_id)
+        if state is None:
+            return
+        self._client.set_tag(state.run_id, STOP_TAG, reason[:5000])
+        self.finish(trial_id, "KILLED")
+        self._client.set_tag(state.run_id, STATUS_TAG, "stopped")
+
     def finish(self, trial_id: str, status: str, error: str | None = None) -> None:
         """Attach the LR and validation curves and end the run (FINISHED or FAILED).
 
@@ -533,6 +544,9 @@ def relog(
         logger.start(record.trial_id, record.config)
         for result in record.results:
             logger.result(record.trial_id, result)
+        if record.status == "stopped":
+            logger.stop(record.trial_id, str(record.stop_reason))
+            continue
         status = "FINISHED" if record.status in ("finished", "diverged") else "FAILED"
         last = record.results[-1] if record.results else {}
         logger.finish(record.trial_id, status, record.error or last.get("error"))

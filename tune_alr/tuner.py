@@ -67,34 +67,52 @@ def param_space(exp: Experiment, cells: Sequence[Cell] | None = None) -> dict[st
 def build_tuner(
     exp: Experiment, handle: tracking.Handle | None, cells: Sequence[Cell] | None = None
 ) -> Any:
-    """The Ray Tune ``Tuner`` for ``exp`` (Ray must be initialised)."""
+    """The Ray Tune ``Tuner`` for ``exp`` (Ray must be initialised).
+
+    The grid (or, with ``search="optuna"``, Optuna's define-by-run space), the scheduler
+    and the stopper of ``exp`` (``tune_alr.scheduling``), the MLflow callback, the
+    progress table, and the record of why trials stopped early.
+    """
     from ray import tune
 
     import trainables
 
-    space = param_space(exp, cells)
-    callbacks = run_callbacks(handle, exp.verbose)
+    from . import scheduling
+
+    cells = list(cells) if cells is not None else exp.validate()
+    dims = scheduling.check(exp)
+    population = exp.scheduler in scheduling.POPULATION
     return tune.Tuner(
         tune.with_resources(trainables.train, exp.ray_resources()),
-        param_space=space,
+        param_space=tuner_space(exp, cells),
         tune_config=tune.TuneConfig(
-            num_samples=1,
+            num_samples=exp.num_samples,
+            search_alg=scheduling.build_search(exp, cells, dims),
+            scheduler=scheduling.build_scheduler(exp, dims),
             max_concurrent_trials=exp.max_concurrent,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,
             # A worker process per trial costs seconds of start-up and imports; reusing
-            # it between trials with the same resources halves short experiments.
-            reuse_actors=True,
+            # it between trials with the same resources halves short experiments. A
+            # population scheduler pauses and restores members: each keeps its own.
+            reuse_actors=not population,
         ),
         run_config=tune.RunConfig(
             name=exp.name,
             storage_path=exp.storage_path,
             failure_config=tune.FailureConfig(max_failures=exp.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
-            callbacks=callbacks,
+            stop=exp.stopper,
+            callbacks=run_callbacks(handle, exp.verbose, exp.scheduler, exp.stopper),
             verbose=ray_verbosity(exp.verbose),
         ),
     )
+
+
+def tuner_space(exp: Experiment, cells: Sequence[Cell]) -> dict[str, Any]:
+    """What the Tuner gets as its param space: the grid's, or nothing for a search
+    (Optuna's define-by-run space then gives every setting)."""
+    return param_space(exp, cells) if exp.search == "grid" else {}
 
 
 @contextlib.contextmanager
@@ -124,12 +142,22 @@ def ray_verbosity(verbose: int) -> int:
     return 0 if verbose <= 1 else min(3, verbose)
 
 
-def run_callbacks(handle: tracking.Handle | None, verbose: int) -> list[Any]:
-    """MLflow logging (with a store) and, at ``verbose == 1``, the progress table."""
+def run_callbacks(
+    handle: tracking.Handle | None,
+    verbose: int,
+    scheduler: str = "fifo",
+    stopper: Any = None,
+) -> list[Any]:
+    """MLflow logging (with a store), the record of early stops and, at ``verbose == 1``,
+    the progress table."""
     from .mlflow_callback import MLflowTracking
     from .progress import ProgressTable
+    from .stopper import StopRecorder
 
-    callbacks: list[Any] = [MLflowTracking(handle)] if handle else []
+    recorder = StopRecorder(scheduler, stopper)
+    callbacks: list[Any] = [recorder]
+    if handle is not None:
+        callbacks.append(MLflowTracking(handle, recorder))
     if verbose == 1:
         callbacks.append(ProgressTable())
     return callbacks
@@ -143,4 +171,5 @@ __all__ = [
     "run_callbacks",
     "trial_dirname",
     "trial_name",
+    "tuner_space",
 ]

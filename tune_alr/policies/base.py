@@ -182,14 +182,21 @@ class Policy(LRScheduler):
         self._apply()
 
     def diagnostics(self) -> dict[str, float]:
-        """The policy's state for logging (why the LR is where it is): ``factor`` and the
-        attributes a subclass names in ``diagnostic_keys``, where they are finite numbers.
+        """The policy's state for logging (why the LR is where it is): ``factor``, the
+        attributes a subclass names in ``diagnostic_keys`` where they are finite numbers,
+        and for a policy with LR bounds (``min_factor``, ``max_factor``) ``at_bound``.
         """
         out: dict[str, float] = {}
         for key in ("factor", *self.diagnostic_keys):
             value = getattr(self, key, None)
             if isinstance(value, (bool, int, float)) and math.isfinite(value):
                 out[key] = float(value)
+        low, high = getattr(self, "min_factor", None), getattr(self, "max_factor", None)
+        if isinstance(low, float) and isinstance(high, float):
+            # 1 while the LR sits at one of the policy's bounds (it can act no further
+            # that way), else 0: what tune_alr.PolicyStopper reads.
+            pinned = self.factor <= low * (1 + 1e-9) or self.factor >= high * (1 - 1e-9)
+            out["at_bound"] = 1.0 if pinned else 0.0
         return out
 
     # -- helpers -----------------------------------------------------------------------
