@@ -196,3 +196,78 @@ def test_stopping_schedulers_stop_a_trial_early(
     statuses = [r.status for r in results.records]
     assert "stopped" in statuses, statuses
     assert results.summary()["stopped"].sum() == statuses.count("stopped")
+
+
+def test_the_leaderboard_on_constructed_trials(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from tune_alr import bench, bench_report, leaderboard
+
+    # a policy's one run, and a search that spent 4x as much for a little more accuracy
+    policy = pd.DataFrame([{"task": "digits", "policy": "feedback", "seed": s,
+                            "best_val_acc": 0.97 + 0.001 * s, "val_acc": 0.96,
+                            "steps_run": 340, "cpu_s": 3.0} for s in range(3)])  # fmt: skip
+    entries = leaderboard.policy_entries(policy, ["feedback"])
+    for seed in range(3):
+        search = pd.DataFrame([
+            {"best_val_acc": math.nan, "val_acc": 0.95, "steps_run": 100, "cpu_s": 1.0},
+            {"best_val_acc": 0.98, "val_acc": 0.98, "steps_run": 1260, "cpu_s": 11.0},
+        ])  # fmt: skip
+        entries.append(leaderboard.entry("digits", "asha", 4, seed, search))
+    board = leaderboard.table(entries).set_index("method")
+    assert board.loc["asha", "best_val_acc_median"] == 0.98
+    assert board.loc["asha", "steps_median"] == 1360 and board.loc["asha", "budget"] == 4
+    assert board.loc["policy: feedback", "best_val_acc_median"] == pytest.approx(0.971)
+    assert board.loc["policy: feedback", "steps_median"] == 340
+    # the report: a section, a CSV and a plot
+    b = bench.Bench(tasks=["digits"], policies=("feedback",), anchors=(), grid=(1e-3,))
+    files = bench_report.write(
+        b.name, b.workloads(), tmp_path, pd.DataFrame(columns=["status"]), pd.DataFrame(),
+        pd.DataFrame(), {}, pd.DataFrame(), None, leaderboard=board.reset_index(),
+    )  # fmt: skip
+    md = files["bench.md"].read_text()
+    assert "## Accuracy against compute" in md
+    assert "| digits | asha | 4x | 3 | 98.00 | 98.00 | 1360 | 12.0 |" in md
+    assert files["leaderboard.png"].stat().st_size > 1000
+
+
+def test_each_leaderboard_search_is_a_valid_budgeted_experiment() -> None:
+    from tune_alr import bench, leaderboard
+    from tune_alr.stopper import ComputeBudget
+
+    b = bench.Bench(tasks=["digits"], policies=("feedback",), anchors=(), seeds=2)
+    for method in leaderboard.METHODS:
+        exp = leaderboard.search_experiment(b, "digits", method, 2, 1, policy_steps=340)
+        exp.validate()
+        assert isinstance(exp.stopper, ComputeBudget) and exp.stopper.steps == 680
+        assert exp.seed_list == [1] and exp.tasks == ["digits"]
+        assert exp.scheduler == {"optuna": "fifo", "asha": "asha"}.get(method, method)
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.parametrize("scheduler", ["pbt", "pb2"])
+def test_population_schedulers_continue_the_policy_state_across_an_exploit(
+    scheduler: str, ray_session: None, tmp_path: Path
+) -> None:
+    params = {"interval": 10, "early_interval": None}
+    exp = Experiment(
+        name=scheduler, seeds=1, max_steps=80, report_every=10, scheduler=scheduler,
+        policies=[Arm(f"fb-{lr:g}", "feedback", "adam", lr, params=params)
+                  for lr in (1e-4, 3e-3)],
+        scheduler_params={"perturbation_interval": 2, "quantile_fraction": 0.5},
+        space={"lr": "log:1e-4:3e-2"}, output=tmp_path / "out",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0,
+    )  # fmt: skip
+    results = tune_alr.run(exp)
+    exploited = [r for rec in results.records for r in rec.results if "reapplied" in r]
+    assert exploited, f"{scheduler} made no exploit"
+    for row in exploited:
+        assert "lr" in row["reapplied"] and math.isfinite(row["restored_lr"])
+        if row["lr_trace"]:
+            # the donor's policy went on: its check counter is the donor's plus this window
+            assert row["policy/checks"] == row["step"] // 10
+            # the first step after the exploit runs at the donor's step size, rescaled by
+            # the perturbation of the base LR
+            assert row["lr_trace"][0] != pytest.approx(row["restored_lr"])
+    assert all(r.status in ("finished", "stopped") for r in results.records)

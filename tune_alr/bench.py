@@ -74,6 +74,9 @@ class Bench:
             over this many trials (seed 0); ``asha`` prunes them with ASHA.
         pbt: if > 0, also train a PBT population of this many members per workload.
             Tuning costs are reported with the tuned results (``tune_alr.tuning``).
+        leaderboard: also run the equal-compute leaderboard (``tune_alr.leaderboard``):
+            Optuna, ASHA, PBT and PB2 searches of Adam's LR at 1, 2 and 4 times a
+            policy's steps, on every workload and seed.
     """
 
     tasks: Sequence[str] = ("digits",)
@@ -93,6 +96,7 @@ class Bench:
     optuna: int = 0
     asha: bool = False
     pbt: int = 0
+    leaderboard: bool = False
 
     def comparison_count(self) -> int:
         """How many comparisons the bench makes (each policy against each anchor and
@@ -335,6 +339,7 @@ class Outcome:
     targets: dict[str, tuple[float, str]]
     files: dict[str, Path]
     tuned: pd.DataFrame
+    leaderboard: pd.DataFrame
 
 
 def tuned_table(tuned: Sequence[Any], goal: Mapping[str, tuple[float, str]]) -> pd.DataFrame:
@@ -359,14 +364,25 @@ def tuned_table(tuned: Sequence[Any], goal: Mapping[str, tuple[float, str]]) -> 
     return pd.DataFrame(rows)
 
 
-def analyse(bench: Bench, results: Results, tuned: Sequence[Any] = ()) -> Outcome:
-    """The bench tables, plots and report from a finished experiment (and searches)."""
-    from . import bench_report
+def analyse(
+    bench: Bench,
+    results: Results,
+    tuned: Sequence[Any] = (),
+    entries: pd.DataFrame | None = None,
+) -> Outcome:
+    """The bench tables, plots and report from a finished experiment (and searches, and
+    the leaderboard's entries)."""
+    from . import bench_report, leaderboard
 
     trials, goal = timed_trials(results.records, bench)
     table = main_table(trials)
     comp = comparisons(trials, goal)
     extra = tuned_table(tuned, goal)
+    board = (
+        leaderboard.table([leaderboard.Entry(**row) for row in entries.to_dict("records")])
+        if entries is not None and not entries.empty
+        else pd.DataFrame()
+    )
     files = bench_report.write(
         bench.name,
         bench.workloads(),
@@ -377,8 +393,10 @@ def analyse(bench: Bench, results: Results, tuned: Sequence[Any] = ()) -> Outcom
         goal,
         profiles(trials),
         extra,
+        warning=bench.power_note(),
+        leaderboard=board,
     )
-    return Outcome(results, trials, table, comp, goal, files, extra)
+    return Outcome(results, trials, table, comp, goal, files, extra, board)
 
 
 def run(bench: Bench) -> Outcome:
@@ -408,7 +426,12 @@ def run(bench: Bench) -> Outcome:
             )
         if bench.pbt:
             tuned.append(tuning.population(dataclasses.replace(search, num_samples=bench.pbt)))
-    outcome = analyse(bench, results, tuned)
+    entries = None
+    if bench.leaderboard:
+        from . import leaderboard
+
+        entries = leaderboard.run(bench, report.trials_frame(results.records))
+    outcome = analyse(bench, results, tuned, entries)
     if results.parent_run_id is not None:
         from . import tracking
 

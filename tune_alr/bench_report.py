@@ -142,6 +142,7 @@ def write(
     profile: pd.DataFrame,
     tuned: pd.DataFrame | None = None,
     warning: str | None = None,
+    leaderboard: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Write the bench's files into the output folder ``out``; returns them by name."""
     out.mkdir(parents=True, exist_ok=True)
@@ -203,6 +204,21 @@ def write(
         md += ["## Tuned baselines", "", note, "", _markdown_table(head, rows), ""]
         parts += ["<h2>Tuned baselines</h2>", f"<p>{html.escape(note)}</p>",
                   _html_table(head, rows)]  # fmt: skip
+    if leaderboard is not None and not leaderboard.empty:
+        files["bench_leaderboard.csv"] = out / "bench_leaderboard.csv"
+        leaderboard.to_csv(files["bench_leaderboard.csv"], index=False)
+        files["leaderboard.png"] = plot_leaderboard(leaderboard, out / "leaderboard.png")
+        head, rows = leaderboard_rows(leaderboard)
+        note = (
+            "One untuned policy run against Ray Tune's searches of Adam's constant LR "
+            "stopped at 1, 2 and 4 times the policy's optimizer steps (all their trials "
+            "counted); medians over seeds of the best validation accuracy reached."
+        )
+        md += ["## Accuracy against compute", "", note, "", _markdown_table(head, rows), "",
+               "![accuracy against compute](leaderboard.png)", ""]  # fmt: skip
+        picture = _img(files["leaderboard.png"], "leaderboard")
+        parts += ["<h2>Accuracy against compute</h2>", f"<p>{html.escape(note)}</p>",
+                  _html_table(head, rows), picture]  # fmt: skip
     if "perf_profile.png" in files:
         md += ["## Performance profile", "", "![performance profile](perf_profile.png)", ""]
         parts += ["<h2>Performance profile</h2>", _img(files["perf_profile.png"], "profile")]
@@ -222,6 +238,39 @@ def write(
         f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     )
     return files
+
+
+def leaderboard_rows(board: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The leaderboard as text rows, best first within each task."""
+    head = ["task", "method", "compute (x policy)", "seeds", "best val acc % (median)",
+            "lowest seed %", "steps (median)", "CPU s (median)"]  # fmt: skip
+    rows = []
+    for task, g in board.groupby("task", sort=True):
+        for r in g.sort_values("best_val_acc_median", ascending=False).itertuples():
+            rows.append([str(task), str(r.method), f"{r.budget:g}x", str(r.seeds),
+                         f"{100 * r.best_val_acc_median:.2f}", f"{100 * r.best_val_acc_min:.2f}",
+                         f"{r.steps_median:.0f}", f"{r.cpu_s_median:.1f}"])  # fmt: skip
+    return head, rows
+
+
+def plot_leaderboard(board: pd.DataFrame, path: Path) -> Path:
+    """Best validation accuracy against optimizer steps spent, per task and method."""
+    plt = pyplot()
+    tasks = sorted(board["task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        mine = board[board["task"] == task]
+        for method, g in mine.groupby("method", sort=True):
+            g = g.sort_values("steps_median")
+            style = "o" if str(method).startswith("policy") else "o-"
+            ax.plot(g["steps_median"], g["best_val_acc_median"], style, label=str(method))
+        ax.set(xscale="log", xlabel="optimizer steps spent (median)",
+               ylabel="best validation accuracy (median)", title=task)  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _img(path: Path, alt: str) -> str:

@@ -179,9 +179,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="a scheduler option, e.g. grace_period=3 (in reports; repeatable)",
     )
-    run.add_argument(
-        "--search", help="grid (default: every task x policy x seed) or optuna (TPE)"
-    )
+    run.add_argument("--search", help="grid (default: every task x policy x seed) or optuna (TPE)")
     run.add_argument("--num-samples", type=int, help="trials of a search (--search optuna)")
     run.add_argument(
         "--space",
@@ -254,6 +252,12 @@ def parser() -> argparse.ArgumentParser:
         help="also tune Adam's LR with OptunaSearch over K trials per workload",
     )
     ben.add_argument("--asha", action="store_true", help="prune the Optuna trials with ASHA")
+    ben.add_argument(
+        "--leaderboard",
+        action="store_true",
+        help="also run Optuna, ASHA, PBT and PB2 searches of Adam's LR at 1x, 2x and 4x a "
+        "policy's steps, per workload and seed: accuracy against compute",
+    )
     ben.add_argument(
         "--pbt",
         type=int,
@@ -438,6 +442,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(uri, str):
         credentials.register_secrets(uri)
         sys.argv = [credentials.scrub(a) for a in sys.argv]
+    import warnings
+
+    def one_line(message: Any, category: Any, *rest: Any, **kwargs: Any) -> None:
+        # A user of the command wants what went wrong, not where in our source it was said.
+        print(f"tune-alr: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = one_line
     with credentials.scrubbed_output():
         try:
             return _dispatch(args)
@@ -499,6 +510,7 @@ def _bench(args: argparse.Namespace) -> int:
         "tracking_uri": args.tracking_uri, "address": args.address,
         "max_concurrent": args.max_concurrent, "verbose": _verbosity(args),
         "optuna": args.optuna, "asha": args.asha, "pbt": args.pbt, "baseline": args.baseline,
+        "leaderboard": args.leaderboard,
     }  # fmt: skip
     for key in ("policies", "anchors", "grid"):
         if getattr(args, key) is not None:

@@ -128,6 +128,27 @@ class PolicyStopper(tune.Stopper):
         return False
 
 
+class ComputeBudget(tune.Stopper):
+    """Ends a whole experiment once its trials have taken ``steps`` optimizer steps in all.
+
+    For comparisons at equal compute: a search given one, two or four times a policy's
+    steps stops there, whatever its scheduler made of them. Steps are counted from the
+    reports' ``lr_trace`` (one entry per step a trial took itself), at report granularity.
+    """
+
+    def __init__(self, steps: int) -> None:
+        check_int("steps", steps)
+        self.steps = steps
+        self.spent = 0
+
+    def __call__(self, trial_id: str, result: Mapping[str, Any]) -> bool:
+        self.spent += len(result.get("lr_trace") or ())
+        return False
+
+    def stop_all(self) -> bool:
+        return self.spent >= self.steps
+
+
 class StopRecorder(tune.Callback):
     """Writes why a trial ended before its last step into its folder (the tables read it).
 
@@ -135,7 +156,7 @@ class StopRecorder(tune.Callback):
     ``stopper`` (its reason) or else by the scheduler ``scheduler`` names.
     """
 
-    def __init__(self, scheduler: str, stopper: PolicyStopper | None) -> None:
+    def __init__(self, scheduler: str, stopper: Any) -> None:
         self.scheduler = scheduler
         self.stopper = stopper
 
@@ -144,8 +165,11 @@ class StopRecorder(tune.Callback):
         last = getattr(trial, "last_result", None) or {}
         if last.get("status", "running") != "running" or not last:
             return None
-        if self.stopper is not None and trial.trial_id in self.stopper.reasons:
-            return self.stopper.reasons[trial.trial_id]
+        reasons = getattr(self.stopper, "reasons", {})
+        if trial.trial_id in reasons:
+            return str(reasons[trial.trial_id])
+        if isinstance(self.stopper, ComputeBudget) and self.stopper.stop_all():
+            return f"the experiment's compute budget of {self.stopper.steps} steps was spent"
         return (
             f"stopped early by the {self.scheduler} scheduler after "
             f"{last.get('training_iteration', '?')} reports (step {last.get('step', '?')})"
@@ -160,4 +184,4 @@ class StopRecorder(tune.Callback):
             (folder / STOP_FILE).write_text(json.dumps({"reason": reason}))
 
 
-__all__ = ["STOP_FILE", "PolicyStopper", "StopRecorder"]
+__all__ = ["STOP_FILE", "ComputeBudget", "PolicyStopper", "StopRecorder"]

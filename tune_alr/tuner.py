@@ -122,15 +122,25 @@ def quiet_ray_output(verbose: int) -> Iterator[None]:
     Ray Tune's newer engine prints its experiment box, a results path and a TensorBoard
     hint even at verbosity 0; its older one prints nothing at 0. ``RAY_AIR_NEW_OUTPUT``
     chooses between them when ``fit`` starts; the user's own setting is restored after.
+    Ray's warning about trials without results (a search's never-started ones) is held
+    back too.
     """
     if verbose >= 2:
         yield
         return
+    import logging
+
     saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # Trials a budget or a search created and then never ran have no results: Ray warns
+    # of each; the tables count them as they are.
+    analysis = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis.level
+    analysis.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        analysis.setLevel(level)
         if saved is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
