@@ -176,9 +176,7 @@ def dimensions(exp: Experiment) -> list[Dimension]:
 def check(exp: Experiment) -> list[Dimension]:
     """Every scheduling setting of ``exp``, before Ray starts; its searched dimensions."""
     if not isinstance(exp.scheduler, str) or exp.scheduler not in SCHEDULERS:
-        raise ValueError(
-            f"unknown scheduler {exp.scheduler!r}; accepted: {', '.join(SCHEDULERS)}."
-        )
+        raise ValueError(f"unknown scheduler {exp.scheduler!r}; accepted: {', '.join(SCHEDULERS)}.")
     if not isinstance(exp.search, str) or exp.search not in SEARCHES:
         raise ValueError(f"unknown search {exp.search!r}; accepted: {', '.join(SEARCHES)}.")
     options = SCHEDULER_OPTIONS[exp.scheduler]
@@ -330,9 +328,7 @@ def build_search(exp: Experiment, cells: Sequence[Cell], dims: Sequence[Dimensio
     # Optuna announces each study and trial at INFO; the progress table says enough.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = exp.seed_list[0]
-    return OptunaSearch(
-        space=define_by_run(cells, dims, seed), metric=METRIC, mode=MODE, seed=seed
-    )
+    return OptunaSearch(space=define_by_run(cells, dims, seed), metric=METRIC, mode=MODE, seed=seed)
 
 
 __all__ = [
