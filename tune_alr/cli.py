@@ -45,16 +45,6 @@ def _value(text: str) -> Any:
         return _BOOLEANS.get(text.strip().lower(), text)
 
 
-def _assignments(items: Sequence[str], what: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{what} must look like key=value, got {item!r}.")
-        out[key] = _value(value)
-    return out
-
-
 def _raw_assignments(items: Sequence[str], what: str) -> dict[str, str]:
     """``key=value`` pairs, values kept as text."""
     out: dict[str, str] = {}
@@ -64,6 +54,11 @@ def _raw_assignments(items: Sequence[str], what: str) -> dict[str, str]:
             raise ValueError(f"{what} must look like key=value, got {item!r}.")
         out[key] = value
     return out
+
+
+def _assignments(items: Sequence[str], what: str) -> dict[str, Any]:
+    """``key=value`` pairs, values read as :func:`_value` reads them."""
+    return {key: _value(text) for key, text in _raw_assignments(items, what).items()}
 
 
 def _nested(items: Sequence[str], flag: str, owner: str) -> dict[str, dict[str, Any]]:
