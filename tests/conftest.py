@@ -16,6 +16,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The decoded-data cache (trainables.cache) of the whole session under the test tmp,
+    never the home folder's; set before any Ray starts, so its workers inherit it."""
+    from trainables.cache import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("data-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One Ray instance for the whole session (2 CPUs), its files under the test tmp,

@@ -9,8 +9,10 @@ only read at the end of a run.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -198,16 +200,58 @@ def image_splits(
     return out
 
 
+def _digits_file() -> Path | None:
+    """scikit-learn's bundled ``digits.csv.gz``, found without importing scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray, str | None]:
+    """The 1,797 digits as uint8 pixels ``[N, 64]`` (values 0..16) and int64 labels, and
+    what the decoded-data cache did.
+
+    Importing scikit-learn takes seconds in a fresh trial process; the arrays come from
+    the cache (:mod:`trainables.cache`, keyed on scikit-learn's ``digits.csv.gz``) when it
+    holds them.
+    """
+    from . import cache, hub
+
+    source = hub.Source("digits", "sklearn.datasets.load_digits", "digits", "data", "data",
+                        10, 64)  # fmt: skip
+    path = _digits_file()
+    key = cache.local_key(source, {"all": path}) if path is not None else None
+    hit = cache.read(key, source) if key is not None else None
+    if hit is not None:
+        x, y = hit[0]["all"]
+        return np.asarray(x), y, f"read from {hit[1]}"
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    pixels = np.asarray(bunch.data)
+    if not (np.array_equal(pixels, np.round(pixels)) and pixels.min() >= 0 and pixels.max() <= 255):
+        raise ValueError("scikit-learn's digits are not whole numbers 0..255")
+    x, y = pixels.astype(np.uint8), np.asarray(bunch.target, dtype=np.int64)
+    note = None
+    if key is not None:
+        try:
+            folder = cache.write(key, {"all": (x, y)}, "scikit-learn's bundled digits")
+            note = None if folder is None else f"written to {folder}"
+        except OSError as err:
+            note = f"not written ({type(err).__name__}: {err})"
+    return x, y, note
+
+
 def load_digits(plan: SplitPlan, probe_size: int) -> TaskData:
     """scikit-learn's bundled 8x8 digits (1,797 images): 60/20/20 stratified, standardised.
 
     The split is fixed by ``plan.data_seed``; ``plan``'s limit and budget shrink train.
     """
-    from sklearn.datasets import load_digits as sk_digits
-
-    bunch = sk_digits()
-    x = bunch.data.astype(np.float32).reshape(-1, 1, 8, 8)
-    y = bunch.target.astype(np.int64)
+    pixels, y, cached = digits_arrays()
+    x = pixels.astype(np.float32).reshape(-1, 1, 8, 8)  # whole numbers: exact as before
     data_seed = plan.data_seed
     rest, test_idx = stratified_split(y, 0.2, data_seed)
     train_rel, val_rel = stratified_split(y[rest], 0.25, data_seed + 1)
@@ -226,4 +270,5 @@ def load_digits(plan: SplitPlan, probe_size: int) -> TaskData:
         test=split(test_idx),
         probe=probe_subset(val, probe_size, data_seed),
         num_classes=10,
+        notes=(f"decoded data cache: {cached}",) if cached is not None else (),
     )

@@ -17,6 +17,10 @@ from Parquet metadata and a few rows; the hub: offline and not cached, or unreac
 trial's :func:`load_raw` refuses the same data again, checking every row. Nothing is ever
 cast lossily: images must be ``uint8`` pixels of the task's size, labels integers
 ``0..num_classes-1`` without nulls, texts strings.
+
+What passed the checks is kept in the decoded-data cache (:mod:`trainables.cache`), keyed
+on the source files; a later trial on this machine (or a restart) reads it back in
+milliseconds, without importing ``datasets`` for local files.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from urllib.parse import urlparse
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from . import cache
 
 DATA_DIR_ENV = "TUNE_ALR_DATA_DIR"
 
@@ -73,10 +79,15 @@ class DataUnavailable(ValueError):
 
 @dataclass(frozen=True)
 class RawSplits:
-    """Columns of each split as NumPy arrays (inputs: images uint8 or texts object)."""
+    """Columns of each split as NumPy arrays (inputs: images uint8 or texts object).
+
+    ``cache``: what the decoded-data cache did (``"read from <folder>"``, ``"written to
+    <folder>"``, ``"not written (<why>)"``), ``None`` when it is off.
+    """
 
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     origin: str
+    cache: str | None = None
 
 
 def data_dir_from(config_dir: str | None) -> Path | None:
@@ -416,13 +427,18 @@ def load_raw(source: Source, data_dir: Path | None) -> RawSplits:
     """The splits of ``source`` from ``data_dir`` or the hub; ``DataUnavailable`` if neither.
 
     Every row is checked as :func:`check_local` checks the first ones (local files) and
-    refused alike (hub data too): nothing is cast.
+    refused alike (hub data too): nothing is cast. The checked arrays come from the
+    decoded-data cache when it holds this version of the source (:mod:`trainables.cache`),
+    and go into it otherwise.
     """
-    import datasets
-
-    datasets.disable_progress_bars()
     if data_dir is not None:
         files = _local_files(source, data_dir)
+        origin = f"local Parquet in {data_dir / source.folder}"
+        key = cache.local_key(source, files)
+        hit = cache.read(key, source)
+        if hit is not None:
+            return RawSplits(hit[0], origin=origin, cache=f"read from {hit[1]}")
+        datasets = _datasets()
         for path in files.values():  # what ``datasets`` cannot say clearly (0 rows, columns)
             _check_local_file(source, path)
         loaded = datasets.load_dataset(
@@ -432,25 +448,50 @@ def load_raw(source: Source, data_dir: Path | None) -> RawSplits:
             split: _column_arrays(d, source, source.input_column, repr(str(files[split])))
             for split, d in loaded.items()
         }
-        return RawSplits(splits, origin=f"local Parquet in {data_dir / source.folder}")
+        return RawSplits(splits, origin=origin, cache=_store(key, splits, origin))
     problem = _hub_problem(source)
     if problem is not None:
         raise _unavailable(source, problem)
+    datasets = _datasets()
     try:
         loaded = datasets.load_dataset(source.hub_id)
     except (ConnectionError, OSError, FileNotFoundError) as err:
         raise _unavailable(source, f"{type(err).__name__}: {err}") from None
+    origin = f"the Hugging Face hub ({source.hub_id})"
+    present = {split: loaded[split] for split in SPLITS if split in loaded}
+    hub_key = cache.hub_key(source, present)
+    hit = cache.read(hub_key, source) if hub_key is not None else None
+    if hit is not None:
+        return RawSplits(hit[0], origin=origin, cache=f"read from {hit[1]}")
     splits = {
         split: _column_arrays(
-            loaded[split],
+            dataset,
             source,
             source.hub_input_column,
             f"the Hugging Face hub ({source.hub_id}), split {split!r}",
         )
-        for split in SPLITS
-        if split in loaded
+        for split, dataset in present.items()
     }
-    return RawSplits(splits, origin=f"the Hugging Face hub ({source.hub_id})")
+    note = _store(hub_key, splits, origin) if hub_key is not None else None
+    return RawSplits(splits, origin=origin, cache=note)
+
+
+def _datasets() -> Any:
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _store(
+    key: cache.Key, splits: dict[str, tuple[np.ndarray, np.ndarray]], origin: str
+) -> str | None:
+    """Write checked ``splits`` into the cache; what happened, for the data notes."""
+    try:
+        folder = cache.write(key, splits, origin)
+    except OSError as err:  # a read-only or full disk costs speed, never the trial
+        return f"not written ({type(err).__name__}: {err})"
+    return None if folder is None else f"written to {folder}"
 
 
 def check_local(source: Source, data_dir: Path) -> None:

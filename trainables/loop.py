@@ -1,15 +1,27 @@
 """The one training loop: ``train(config, report)``. It knows nothing of Ray or MLflow.
 
 Every ``report_every`` optimizer steps (and at the end) it evaluates the validation
-split, writes a checkpoint into a temporary folder and calls
+split and calls
 
     report(metrics: dict, checkpoint_dir: str | None)
 
-The folder is deleted when ``report`` returns, so a ``report`` that wants to keep the
-checkpoint copies it (Ray Tune's ``tune.report`` does). ``resume`` takes the
-:class:`~trainables.checkpoint.TrainState` that :func:`load_checkpoint` returns (or a dict
-of its fields) and continues the run exactly: same step counter, same data order, same LR
-sequence.
+Every ``checkpoint_every``-th report (the reports at steps that are multiples of
+``report_every * checkpoint_every``) and the last one carry a checkpoint: a temporary
+folder, deleted when ``report`` returns, so a ``report`` that wants to keep the checkpoint
+copies or moves it (``trainables.ray_trainable`` moves it aside for ``tune.report``); the
+other reports get ``None``, as does a diverged run's last. ``resume`` takes the
+:class:`~trainables.checkpoint.TrainState` that :func:`load_checkpoint` returns (or a
+dict of its fields) and continues the run exactly: same step counter, same data order,
+same LR sequence. A run resumed from its last checkpoint after a crash repeats the reports
+after it, with the same values (the LR traces bit for bit; ``tune_alr.tracking`` and
+``TrialRecord.lr_path`` keep one of each).
+
+Evaluation (:class:`Evaluator`) runs in ``torch.inference_mode``; on the CPU, image
+batches (4-D inputs) go through a channels-last copy of the model, :data:`EVAL_BATCH_IMAGES`
+at a time (measured by ``benchmarks/trial_cost.py``: about 0.2x a training step's cost per
+image, against 0.4-0.7x in the model's own layout at 512); other inputs go through the
+model itself, :data:`EVAL_BATCH` at a time. The loss and accuracy are those of the
+model's own layout up to the order of float summation.
 
 The metrics of each report:
 
@@ -38,17 +50,37 @@ The metrics of each report:
   and how it was cut;
 * ``reapplied``, ``restored_lr`` (the first report after a resume whose config differs
   from the checkpoint's, as after a PBT exploit): the hyperparameters re-applied and the
-  step size the checkpoint held before (see :func:`reapply_hyperparameters`).
+  step size the checkpoint held before (see :func:`reapply_hyperparameters`);
+* where the wall time went, in seconds (``benchmarks/trial_cost.py`` sums them):
+
+  - ``time/steps_s``: the window's training steps (batch, forward, backward, optimizer),
+    ``policy.step`` excluded;
+  - ``time/policy_s``: the window's time inside ``policy.step`` (its probes included);
+  - ``time/eval_s``: the window's evaluations: validation, the untrained model's (first
+    report of a process), the test split's (last report);
+  - ``time/checkpoint_s``: writing this report's checkpoint (0 without one);
+  - ``time/report_s``: the previous report's ``report`` call, its checkpoint folder's
+    removal included (under Ray Tune, ``trainables.ray_trainable`` sends reports from a
+    thread of its own: the call waits only for the report before it to be taken); 0 in
+    a process's first report;
+  - ``time/data_s``, ``time/model_s`` (first report of each start or restart): loading
+    the data (the decoded-data cache included, :mod:`trainables.cache`), and building
+    the model, optimizer and policy (and restoring a checkpoint);
+  - ``time/process_s``: seconds since :func:`train` was called in this process (what
+    the loop's other ``time/*`` figures of this process add up to, but for the
+    ``report`` call in progress and the process's start before ``train``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,24 +102,97 @@ from .data import Split, TaskData
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 
+#: Evaluation batch for inputs that are not CPU image batches (texts, GPU).
 EVAL_BATCH = 512
+#: Evaluation batch for CPU image batches in channels-last layout: per image, 128 ran
+#: at about the cost of 32-256 and 0.5x that of 512 (the CNNs' activations at 512 leave
+#: the caches), measured on the plan-2 MNIST CNN on one thread (benchmarks/trial_cost.py).
+EVAL_BATCH_IMAGES = 128
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode, restored after)."""
+class Evaluator:
+    """Mean cross-entropy and accuracy of a model on a split, as cheaply as measured.
+
+    On the CPU, a split whose first input is a 4-D float tensor (images) is evaluated by
+    a channels-last copy of the model (kept per model, its weights and buffers refreshed
+    from the model at each call), :data:`EVAL_BATCH_IMAGES` images at a time: PyTorch's
+    CPU convolutions and pooling run several times faster in that layout than in the
+    default one, which the model keeps for training (its arithmetic unchanged). Anything
+    else (texts, a GPU, a model that cannot be copied) runs through the model itself,
+    :data:`EVAL_BATCH` rows at a time. Always in ``torch.inference_mode`` and eval mode
+    (the model's mode is restored after).
+    """
+
+    def __init__(self) -> None:
+        self._twins: weakref.WeakKeyDictionary[nn.Module, nn.Module | None] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __call__(self, model: nn.Module, split: Split) -> tuple[float, float]:
+        twin = self._twin(model, split)
+        if twin is None:
+            return _evaluate(model, split, EVAL_BATCH, None)
+        twin.load_state_dict(model.state_dict())
+        return _evaluate(twin, split, EVAL_BATCH_IMAGES, torch.channels_last)
+
+    def _twin(self, model: nn.Module, split: Split) -> nn.Module | None:
+        first = split.inputs[0] if split.inputs else None
+        if (
+            first is None
+            or first.dim() != 4
+            or not first.is_floating_point()
+            or first.device.type != "cpu"
+            or any(p.device.type != "cpu" for p in model.parameters())
+        ):
+            return None
+        if model not in self._twins:
+            try:
+                twin = copy.deepcopy(model)
+            except Exception:  # a model that will not copy is evaluated as it is
+                self._twins[model] = None
+                return None
+            for t in (*twin.parameters(), *twin.buffers()):
+                t.requires_grad_(False)
+            # (Module.to takes memory_format; its type stubs do not say so.)
+            twin = twin.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self._twins[model] = twin.eval()
+        return self._twins[model]
+
+
+def _evaluate(
+    model: nn.Module, split: Split, batch_size: int, layout: torch.memory_format | None
+) -> tuple[float, float]:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total_loss, correct = 0.0, 0
-    for batch in split.batches(EVAL_BATCH):
-        batch = batch.to(device)
-        logits = model(*batch.inputs)
-        total_loss += float(F.cross_entropy(logits, batch.labels, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == batch.labels).sum())
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(split), batch_size):
+                stop = start + batch_size
+                inputs = [t[start:stop].to(device) for t in split.inputs]
+                if layout is not None:
+                    inputs[0] = inputs[0].contiguous(memory_format=layout)
+                labels = split.labels[start:stop].to(device)
+                logits = model(*inputs)
+                total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(dim=1) == labels).sum())
+    finally:
+        model.train(was_training)
     n = max(1, len(split))
     return total_loss / n, correct / n
+
+
+_DEFAULT_EVALUATOR = Evaluator()
+
+
+def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``split`` (see :class:`Evaluator`)."""
+    return _DEFAULT_EVALUATOR(model, split)
+
+
+class Stopped(Exception):
+    """The run was ended by ``train``'s ``should_stop``."""
 
 
 def seed_everything(seed: int) -> None:
@@ -165,6 +270,7 @@ def train(
     report: Report,
     *,
     resume: TrainState | Mapping[str, Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Train one model under one policy; returns the last metrics reported.
 
@@ -176,14 +282,18 @@ def train(
         report: called as ``report(metrics, checkpoint_dir)`` at each report.
         resume: a checkpoint from :func:`load_checkpoint` to continue from (or a dict of
             its fields, as :func:`torch.load` reads a ``checkpoint.pt``).
+        should_stop: asked after every optimizer step; when it answers ``True`` the run
+            ends at once with :class:`Stopped` (no further report), as when a scheduler
+            stops a trial whose reports are sent ahead (``trainables.ray_trainable``).
     """
+    started = time.perf_counter()
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
     state = TrainState.from_dict(resume) if isinstance(resume, Mapping) else resume
     profile = cfg.hardware_profile()
     with hardware.applied(profile, threads=cfg.threads) as caps:
         sampler = ResourceSampler(memory_limit_mb=caps.memory_mb, profile=caps.profile)
         with sampler:
-            return _train(cfg, report, state, caps, sampler)
+            return _train(cfg, report, state, caps, sampler, started, should_stop)
 
 
 @dataclass
@@ -196,6 +306,11 @@ class _Window:
     n: int = 0  # steps that updated
     samples: int = 0  # training rows seen
     t0: float = field(default_factory=time.perf_counter)
+    # Where the window's time went (the time/* metrics).
+    steps_s: float = 0.0  # training steps, policy.step excluded
+    policy_s: float = 0.0  # inside policy.step
+    eval_s: float = 0.0  # evaluations
+    report_s: float = 0.0  # the previous report's report() call
 
 
 @dataclass
@@ -210,6 +325,7 @@ class _Trial:
     model: nn.Module
     opt_run: optimizers.Run  # the optimizer, and what it keeps besides (anchors, averages)
     policy: Policy
+    evaluator: Evaluator
     order: torch.Generator  # the data order, and nothing else
     batch_size: int
     steps_per_epoch: int
@@ -235,15 +351,24 @@ class _Trial:
     first_step: int = 1  # the first step this process takes
     loop_t0: float = 0.0
     window: _Window = field(default_factory=lambda: _Window(start=1))
+    started: float = 0.0  # when train() was called (this process)
+    data_s: float = 0.0  # loading the data (this process)
+    model_s: float = 0.0  # building model, optimizer and policy, and restoring (this process)
 
     def evaluate(self, split: Split) -> tuple[float, float]:
         """Loss and accuracy on ``split`` of the weights the optimizer stands for."""
-        return _evaluate_run(self.opt_run, split)
+        t0 = time.perf_counter()
+        try:
+            return _evaluate_run(self.opt_run, split, self.evaluator)
+        finally:
+            self.window.eval_s += time.perf_counter() - t0
 
 
-def _evaluate_run(opt_run: optimizers.Run, split: Split) -> tuple[float, float]:
+def _evaluate_run(
+    opt_run: optimizers.Run, split: Split, evaluator: Evaluator
+) -> tuple[float, float]:
     with opt_run.eval_model() as weights:  # Schedule-Free's x, DoG's average
-        return evaluate(weights, split)
+        return evaluator(weights, split)
 
 
 def _train(
@@ -252,11 +377,16 @@ def _train(
     resume: TrainState | None,
     caps: hardware.Applied,
     sampler: ResourceSampler,
+    started: float,
+    should_stop: Callable[[], bool] | None,
 ) -> dict[str, Any]:
     """Set up (or restore), then step, and report every so often, until the run ends."""
     trial = _setup(cfg, caps, sampler)
+    trial.started = started
     if resume is not None:
+        t0 = time.perf_counter()
         _restore(trial, resume)
+        trial.model_s += time.perf_counter() - t0
     # The untrained model's validation loss: a later one far above it has exploded.
     # A checkpoint carries the one measured before its run's first step.
     if trial.initial_val_loss is None:
@@ -264,13 +394,15 @@ def _train(
     trial.model.train()
     trial.opt_run.train_mode()
     trial.first_step = trial.step + 1
-    trial.window = _Window(start=trial.first_step)
+    trial.window = _Window(start=trial.first_step, eval_s=trial.window.eval_s)
     trial.loop_t0 = trial.window.t0
     status, last = "running", {}  # last: the metrics of the latest report
 
     while status == "running":
         if trial.step < trial.total_steps:
             _train_step(trial)
+            if should_stop is not None and should_stop():
+                raise Stopped(f"stopped after step {trial.step}")
         # Report every report_every steps, at the end, and as soon as the run is stuck.
         at_end = trial.step >= trial.total_steps
         stuck = trial.bad_run >= cfg.max_bad_steps
@@ -281,9 +413,23 @@ def _train(
         elapsed = _tally(trial, val_acc)
         last = _metrics(trial, val_loss, val_acc, elapsed, reason)
         status = last["status"]
-        _report(trial, last, report)
-        trial.window = _Window(start=trial.step + 1)
+        report_s = _report(trial, last, report, _checkpoint_due(trial, status))
+        trial.window = _Window(start=trial.step + 1, report_s=report_s)
     return last
+
+
+def _checkpoint_due(trial: _Trial, status: str) -> bool:
+    """Whether this report carries a checkpoint: every ``checkpoint_every``-th report
+    (counted by step, so the same reports in every run and restart) and the last one; a
+    diverged run's last never (no checkpoint holds non-finite weights)."""
+    if status == "diverged":
+        return False
+    if status != "running":
+        return True
+    cfg = trial.cfg
+    return trial.step % cfg.report_every == 0 and (
+        (trial.step // cfg.report_every) % cfg.checkpoint_every == 0
+    )
 
 
 def _setup(cfg: TrialConfig, caps: hardware.Applied, sampler: ResourceSampler) -> _Trial:
@@ -296,7 +442,9 @@ def _setup(cfg: TrialConfig, caps: hardware.Applied, sampler: ResourceSampler) -
     # Seeds are paired across policies: the same seed gives the same initial weights
     # and the same data order whatever the policy.
     seed_everything(cfg.seed)
+    t0 = time.perf_counter()
     data = task.load(cfg.data_request())
+    t1 = time.perf_counter()
     model = task.model(data, cfg.task_options()).to(device)
     sampler.check()  # data and model are in memory: the first place a cap can bite
     bn_order = torch.Generator().manual_seed(cfg.seed + 1)  # never touches the data order
@@ -318,8 +466,10 @@ def _setup(cfg: TrialConfig, caps: hardware.Applied, sampler: ResourceSampler) -
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
+    evaluator = Evaluator()
+
     def probe() -> float:
-        return _evaluate_run(opt_run, data.probe)[0]
+        return _evaluate_run(opt_run, data.probe, evaluator)[0]
 
     policy = build(
         cfg.policy, opt_run.optimizer, evaluate=probe, total_steps=total_steps,
@@ -334,10 +484,13 @@ def _setup(cfg: TrialConfig, caps: hardware.Applied, sampler: ResourceSampler) -
         model=model,
         opt_run=opt_run,
         policy=policy,
+        evaluator=evaluator,
         order=torch.Generator().manual_seed(cfg.seed),
         batch_size=batch_size,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
+        data_s=t1 - t0,
+        model_s=time.perf_counter() - t1,
     )
 
 
@@ -382,6 +535,7 @@ def _next_batch(trial: _Trial) -> Split:
 def _train_step(trial: _Trial) -> None:
     """One optimizer step: batch, forward, backward, clip, step (when finite), policy."""
     window, optimizer = trial.window, trial.opt_run.optimizer
+    t_start = time.perf_counter()
     batch = _next_batch(trial)
     logits = trial.model(*batch.inputs)
     loss = F.cross_entropy(logits, batch.labels)
@@ -407,10 +561,13 @@ def _train_step(trial: _Trial) -> None:
     window.lr_trace.append(trial.opt_run.step_size())
     t0 = time.perf_counter()
     trial.policy.step(loss_value)
-    trial.policy_s += time.perf_counter() - t0
+    t1 = time.perf_counter()
+    trial.policy_s += t1 - t0
+    window.policy_s += t1 - t0
     trial.step += 1
     window.samples += len(batch)
     trial.sampler.check()
+    window.steps_s += time.perf_counter() - t_start - (t1 - t0)
 
 
 def _divergence(trial: _Trial, val_loss: float) -> str | None:
@@ -461,6 +618,7 @@ def _metrics(
         "loop_s": trial.loop_s_before + (time.perf_counter() - trial.loop_t0),
         "skipped_steps": trial.skipped,
         "total_steps": trial.total_steps,
+        "num_classes": trial.data.num_classes,  # chance level, for stoppers
         "lr_trace": window.lr_trace,
         "lr_trace_start": window.start,
         "policy_ms_per_step": 1000.0 * trial.policy_s / step if step else math.nan,
@@ -478,10 +636,17 @@ def _metrics(
         metrics["best_val_acc"] = trial.best_val_acc
         if trial.data.test is not None:
             metrics["test_loss"], metrics["test_acc"] = trial.evaluate(trial.data.test)
+    metrics["time/steps_s"] = window.steps_s
+    metrics["time/policy_s"] = window.policy_s
+    metrics["time/eval_s"] = window.eval_s  # the test split's included
+    metrics["time/report_s"] = window.report_s
+    metrics["time/process_s"] = time.perf_counter() - trial.started
     if window.start == trial.first_step:
         # Once per process: where the data came from, and the caps it ran under.
         if trial.data.notes:
             metrics["data_notes"] = "; ".join(trial.data.notes)
+        metrics["time/data_s"] = trial.data_s
+        metrics["time/model_s"] = trial.model_s
         metrics.update(trial.caps.metrics())
         if trial.reapplied:
             metrics["reapplied"] = ",".join(trial.reapplied)
@@ -517,15 +682,18 @@ def _checkpoint(trial: _Trial, metrics: Mapping[str, Any]) -> TrainState:
     )
 
 
-def _report(trial: _Trial, metrics: dict[str, Any], report: Report) -> None:
-    """Hand ``metrics`` and a checkpoint to ``report``; the checkpoint is deleted after."""
-    # No checkpoint ever holds non-finite weights: a diverged run reports without one.
-    diverged = metrics["status"] == "diverged"
-    checkpoint_dir = None if diverged else tempfile.mkdtemp(prefix="tune-alr-ckpt-")
+def _report(trial: _Trial, metrics: dict[str, Any], report: Report, checkpoint: bool) -> float:
+    """Hand ``metrics`` (and a checkpoint, when ``checkpoint``) to ``report``; the
+    checkpoint is deleted after. Returns the seconds the ``report`` call took."""
+    t0 = time.perf_counter()
+    checkpoint_dir = tempfile.mkdtemp(prefix="tune-alr-ckpt-") if checkpoint else None
     try:
         if checkpoint_dir is not None:
             _checkpoint(trial, metrics).save(checkpoint_dir)
+        t1 = time.perf_counter()
+        metrics["time/checkpoint_s"] = t1 - t0 if checkpoint_dir is not None else 0.0
         report(metrics, checkpoint_dir)
     finally:
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return time.perf_counter() - t1

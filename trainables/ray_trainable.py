@@ -16,12 +16,28 @@ Two kinds of failure are handled here rather than left to Ray's retries:
 * a checkpoint that does not load (a truncated or missing ``checkpoint.pt``) is skipped
   with a warning for the newest older one that does (Ray keeps ``num_to_keep`` of them as
   sibling ``checkpoint_<n>`` folders), or, when none loads, the trial starts afresh.
+
+Reports are handed to Ray Tune one report ahead (:class:`ReportAhead`). A function
+trainable's ``tune.report`` returns only once the driver has processed the result (its
+callbacks, MLflow logging included) and asked for the next one: a round trip that the
+training thread would otherwise wait out at every report (tens of milliseconds on a
+loaded 2-core machine, more than a digits window). Here a thread of the trial's own makes
+that call while the loop trains the next window; the loop waits for it at its next report
+at the latest, so at most one report is in flight and Ray Tune receives them in order.
+When Ray Tune stops the trial (a scheduler's or stopper's decision), the thread sending
+the report is told so, and the loop ends after its current optimizer step (``should_stop``
+of ``trainables.loop.train``), without a further report, as it would have ended inside
+this report before.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -53,6 +69,12 @@ def error_line(err: BaseException, limit: int = ERROR_CHARS) -> str:
 
 def _report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
     checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    if metrics.get("status", "running") != "running":
+        # The trial's last result. Ray Tune reads ``done`` as "stop this trial" before it
+        # asks the scheduler: without it a scheduler that pauses trials on a result
+        # (MedianStoppingRule, HyperBand) could pause a finished one, which would resume
+        # from its final checkpoint, report "finished" again, and be paused again.
+        metrics = {**metrics, "done": True}
     if "caps/threads" in metrics:  # the first report of this start: say where it ran
         context = ray.get_runtime_context()
         metrics = {
@@ -61,6 +83,68 @@ def _report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
             "node_ip": ray.util.get_node_ip_address(),
         }
     tune.report(metrics, checkpoint=checkpoint)
+
+
+class ReportAhead:
+    """A loop ``report`` that hands each report to ``send`` in a thread of its own.
+
+    ``send(metrics, checkpoint_dir)`` runs for one report at a time, in report order: a
+    call waits for the previous report's ``send`` to return (and raises what it raised) before
+    starting this one's. The checkpoint folder, which the loop deletes when ``report``
+    returns, is moved aside first and deleted after ``send``. A ``SystemExit`` inside
+    ``send`` (Ray Tune stopping the trial) sets :attr:`stopped` (the loop's
+    ``should_stop``) and makes the next call, or :meth:`wait`, raise ``SystemExit(0)`` in
+    the caller's thread, which ends the trainable as Ray Tune expects.
+    Threads start from the caller's, so they inherit its CPU affinity (the profile's cores).
+    """
+
+    def __init__(self, send: Callable[[dict[str, Any], str | None], None]) -> None:
+        self._send = send
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.stopped = False
+
+    def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.wait()
+        own = None
+        if checkpoint_dir is not None:
+            own = f"{checkpoint_dir}.report"
+            os.rename(checkpoint_dir, own)  # the loop deletes its folder when this returns
+        self._thread = threading.Thread(
+            target=self._run, args=(dict(metrics), own), name="tune-alr-report", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        try:
+            self._send(metrics, checkpoint_dir)
+        except SystemExit:
+            self.stopped = True
+        except BaseException as err:  # raised in the training thread at its next report
+            self._error = err
+        finally:
+            if checkpoint_dir is not None:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    def is_stopped(self) -> bool:
+        """Whether Ray Tune has stopped the trial (the loop's ``should_stop``)."""
+        return self.stopped
+
+    def drain(self) -> None:
+        """Wait until the report in flight, if any, has been sent."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def wait(self) -> None:
+        """:meth:`drain`, then raise what the last ``send`` raised, or ``SystemExit(0)`` if
+        Ray Tune stopped the trial."""
+        self.drain()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if self.stopped:
+            raise SystemExit(0)
 
 
 def _checkpoint_index(folder: str) -> int | None:
@@ -134,20 +218,30 @@ def resume_state(checkpoint: tune.Checkpoint | None) -> TrainState | None:
 def train(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: one model under one policy (see ``trainables.loop``).
 
-    Resumes from the newest checkpoint that loads (:func:`resume_state`). An error of
-    :data:`DETERMINISTIC` ends the trial without a retry: a last result
-    ``{"status": "failed", "error": error_line(err)}``, and a normal return. Any other error
-    raises, so Ray restarts the trial from its last checkpoint.
+    Resumes from the newest checkpoint that loads (:func:`resume_state`). Reports go to
+    ``tune.report`` one report ahead (:class:`ReportAhead`); all are sent before it
+    returns. An error of :data:`DETERMINISTIC` ends the trial without a retry: a last
+    result ``{"status": "failed", "error": error_line(err)}``, and a normal return. Any
+    other error raises, so Ray restarts the trial from its last checkpoint.
     """
     # Ray logs "Checkpoint successfully created at ..." at every report, forwarded to
     # the driver's terminal: the progress table says what matters.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    reporter = ReportAhead(_report)
     try:
-        resume = resume_state(tune.get_checkpoint())
-        loop.train(config, _report, resume=resume)
+        try:
+            resume = resume_state(tune.get_checkpoint())
+            loop.train(config, reporter, resume=resume, should_stop=reporter.is_stopped)
+        except loop.Stopped:
+            raise SystemExit(0) from None  # Ray Tune stopped the trial: end as it expects
+        finally:
+            reporter.drain()  # every report sent before the trainable returns or raises
+        reporter.wait()
     except DETERMINISTIC as err:
         # Raising would have Ray restart the trial max_failures times into the same error,
         # each with its traceback; one last result says what went wrong, and the driver
         # counts the trial as failed.
         logger.error("trial failed, not retried (a retry fails the same way)", exc_info=True)
-        tune.report({"status": "failed", "error": error_line(err)})
+        if reporter.stopped:
+            raise SystemExit(0) from None
+        tune.report({"status": "failed", "error": error_line(err), "done": True})

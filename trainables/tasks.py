@@ -110,7 +110,8 @@ def _load_real(r: DataRequest) -> tuple[hub.Source, dict[str, Any], list[str]]:
     for split, (_, labels) in raw.splits.items():
         hub.check_labels(labels, source.num_classes, f"{raw.origin}, split {split!r}")
     arrays, notes = data_mod.carve(raw.splits, r.plan)
-    return source, arrays, [f"data from {raw.origin}", *notes]
+    cached = [f"decoded data cache: {raw.cache}"] if raw.cache is not None else []
+    return source, arrays, [f"data from {raw.origin}", *cached, *notes]
 
 
 def _task_data(
