@@ -42,6 +42,8 @@ def test_space_entries_parse(key: str, spec: str, expected: tuple[Any, ...]) -> 
          "scheduler 'asha' has no option 'grace'; accepted: grace_period, reduction_factor"),
         ({"scheduler": "asha", "scheduler_params": {"grace_period": 0}},
          "grace_period must be a number > 0"),
+        ({"scheduler": "pbt", "scheduler_params": {"synch": 1}},
+         "scheduler option synch must be true or false, got 1"),
         ({"num_samples": 4}, "num_samples is the number of trials of a search"),
         ({"search": "optuna", "tasks": ["digits", "mnist"]}, "a search tunes one task"),
         ({"search": "optuna", "space": {"lr": "log:0:1"}}, "need LOW < HIGH and LOW > 0"),
@@ -255,7 +257,9 @@ def test_population_schedulers_continue_the_policy_state_across_an_exploit(
         name=scheduler, seeds=1, max_steps=80, report_every=10, scheduler=scheduler,
         policies=[Arm(f"fb-{lr:g}", "feedback", "adam", lr, params=params)
                   for lr in (1e-4, 3e-3)],
-        scheduler_params={"perturbation_interval": 2, "quantile_fraction": 0.5},
+        # synch: the members wait for each other at every perturbation, so that an
+        # exploit happens whatever the start-up skew between two short trials
+        scheduler_params={"perturbation_interval": 2, "quantile_fraction": 0.5, "synch": True},
         space={"lr": "log:1e-4:3e-2"}, output=tmp_path / "out",
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0,
     )  # fmt: skip

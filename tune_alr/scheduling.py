@@ -45,8 +45,8 @@ SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
     "asha": {"grace_period": 2, "reduction_factor": 3},
     "hyperband": {"max_t": 27, "reduction_factor": 3},
     "median": {"grace_period": 2, "min_samples_required": 3},
-    "pbt": {"perturbation_interval": 2, "quantile_fraction": 0.25},
-    "pb2": {"perturbation_interval": 2, "quantile_fraction": 0.25},
+    "pbt": {"perturbation_interval": 2, "quantile_fraction": 0.25, "synch": False},
+    "pb2": {"perturbation_interval": 2, "quantile_fraction": 0.25, "synch": False},
 }
 
 
@@ -188,6 +188,10 @@ def check(exp: Experiment) -> list[Dimension]:
         )
     for key, value in exp.scheduler_params.items():
         default = options[key]
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"scheduler option {key} must be true or false, got {value!r}.")
+            continue
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         if isinstance(default, int) and not isinstance(default, bool):
             ok = ok and float(value) == int(value)

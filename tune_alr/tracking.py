@@ -64,6 +64,7 @@ _SECTIONS = {
 #: is logged at every step from it), the step (the x axis) and the constants.
 _NOT_METRICS = {
     "lr", "lr_trace", "lr_trace_start", "step", "status", "config", "total_steps",
+    "num_classes",
     "timestamp", "pid", "time_this_iter_s", "time_total_s", "training_iteration",
     "iterations_since_restore", "time_since_restore", "done", "trial_id", "date",
     "hostname", "node_ip", "checkpoint_dir_name", "should_checkpoint", "experiment_tag",

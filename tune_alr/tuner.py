@@ -101,12 +101,24 @@ def build_tuner(
             name=exp.name,
             storage_path=exp.storage_path,
             failure_config=tune.FailureConfig(max_failures=exp.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_to_keep(population)),
             stop=exp.stopper,
             callbacks=run_callbacks(handle, exp.verbose, exp.scheduler, exp.stopper),
             verbose=ray_verbosity(exp.verbose),
         ),
     )
+
+
+def checkpoints_to_keep(population: bool) -> int | None:
+    """Checkpoints Ray Tune keeps per trial: 3, or all of them under a population scheduler.
+
+    An exploit restores the recipient from the donor's latest checkpoint, but the donor
+    trains on while the recipient's worker starts (seconds): with reports sent ahead
+    (``trainables.ray_trainable``) and short windows it writes several checkpoints in that
+    time, and one that Ray has already deleted cannot be restored ("does not exist on
+    storage anymore"). The population's checkpoints are kept until the run ends.
+    """
+    return None if population else 3
 
 
 def tuner_space(exp: Experiment, cells: Sequence[Cell]) -> dict[str, Any]:

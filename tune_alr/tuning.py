@@ -42,6 +42,7 @@ from .experiment import Arm, Experiment
 from .policies.base import check_int
 from .results import trial_folders
 from .tuner import (
+    checkpoints_to_keep,
     quiet_ray_output,
     ray_verbosity,
     run_callbacks,
@@ -178,8 +179,10 @@ def _run(search: Search, method: str, space: dict[str, Any], tune_config: Any) -
             run_config=tune.RunConfig(
                 name=search.run_name(method),
                 storage_path=str(storage),
-                # PBT restores members from their latest checkpoints: keep a few.
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+                # PBT restores members from their donors' checkpoints: keep them all.
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=checkpoints_to_keep(method in ("pbt", "pb2"))
+                ),
                 callbacks=run_callbacks(parent.handle, search.verbose),
                 verbose=ray_verbosity(search.verbose),
             ),
@@ -281,7 +284,12 @@ def population(
     synch: bool = False,
 ) -> Tuned:
     """Population Based Training of the LR: ``num_samples`` members, exploit every
-    ``interval`` reports (bottom ``quantile`` copies the top, LR times a factor)."""
+    ``interval`` reports (bottom ``quantile`` copies the top, LR times a factor).
+
+    Every member checkpoints at every report (``checkpoint_every=1``, whatever the
+    trial settings say): an exploit continues from the donor's latest checkpoint, which
+    must be the report PBT ranked it on.
+    """
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
@@ -309,7 +317,7 @@ def population(
         reuse_actors=False,
         **_names(),
     )
-    space = {**base, "lr": tune.loguniform(*search.lr_range)}
+    space = {**base, "lr": tune.loguniform(*search.lr_range), "checkpoint_every": 1}
     return _run(search, "pbt", space, config)
 
 
