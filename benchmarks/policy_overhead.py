@@ -1,6 +1,6 @@
 """Per-step cost of each policy against no policy, and the memory each one holds.
 
-    python benchmarks/policy_overhead.py [--repeats 5] [--steps 200]
+    python benchmarks/policy_overhead.py [--repeats 5] [--steps 200] [--policies meta,hd]
 
 Plan 2's MNIST CNN (conv32-pool-conv64-pool-fc128-fc10, 421k weights), batch 32 of
 random 28x28 images, Adam, 1 thread. Each repeat times every configuration once, in a
@@ -8,7 +8,10 @@ shuffled order, over the same number of steps; the ratio of a configuration is i
 steps/s over the no-policy steps/s of the same repeat, and the table gives the median
 over repeats. ``feedback+probe`` adds a 256-image validation probe (at each check: every
 25 steps for the first 400, then every 100), the cost of following plan 1 to the letter.
-Targets (issue 3): feedback within 1% of no policy, meta and hd within 5%. On a noisy
+``meta`` is the shipped meta-trained controller (eight features, one more dot product
+per parameter than plan 2's first release for its curvature feature), ``meta-scratch``
+plan 2's blank start. Targets: feedback within 1% of no policy, meta and hd within 5%.
+On a noisy
 2-core machine the end-to-end ratio spreads by +-15% between repeats, so the table also
 gives the time spent inside ``policy.step`` itself, measured in the same runs.
 """
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 from trainables.models import Plan2CNN
 from tune_alr.policies import build
 
-POLICIES = ("constant", "step", "cyclic", "plateau", "feedback", "feedback+probe", "hd", "meta")
+POLICIES = ("constant", "step", "cyclic", "plateau", "feedback", "feedback+probe", "hd", "meta",
+            "meta-scratch")  # fmt: skip
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -60,9 +64,10 @@ def measure(name: str, steps: int, seed: int) -> tuple[float, float, int]:
 
     policy = None
     if name != "none":
-        base = name.removesuffix("+probe")
+        base = name.removesuffix("+probe").removesuffix("-scratch")
         evaluate: Callable[[], float] | None = probe if name.endswith("+probe") else None
-        policy = build(base, optimizer, evaluate=evaluate, total_steps=steps)
+        params = {"controller": "scratch"} if name == "meta-scratch" else {}
+        policy = build(base, optimizer, evaluate=evaluate, total_steps=steps, **params)
     for i in range(10):  # warm-up, untimed
         loss = F.cross_entropy(model(x[i]), y[i])
         optimizer.zero_grad()
@@ -89,15 +94,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--policies", default=",".join(POLICIES),
+                        help="comma-separated subset (default: all)")  # fmt: skip
     args = parser.parse_args()
+    chosen = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = sorted(set(chosen) - set(POLICIES))
+    if unknown:
+        parser.error(f"unknown {unknown}; accepted: {', '.join(POLICIES)}")
     torch.set_num_threads(1)
-    ratios: dict[str, list[float]] = {p: [] for p in POLICIES}
-    shares: dict[str, list[float]] = {p: [] for p in POLICIES}
+    ratios: dict[str, list[float]] = {p: [] for p in chosen}
+    shares: dict[str, list[float]] = {p: [] for p in chosen}
     held: dict[str, int] = {}
     baseline: list[float] = []
     order = random.Random(0)
     for _ in range(args.repeats):
-        names = ["none", *POLICIES]
+        names = ["none", *chosen]
         order.shuffle(names)
         rates = {}
         for name in names:
@@ -105,7 +116,7 @@ def main() -> None:
             if name != "none":
                 shares[name].append(share)
         baseline.append(rates["none"])
-        for name in POLICIES:
+        for name in chosen:
             ratios[name].append(rates[name] / rates["none"])
     print(
         f"Plan 2 MNIST CNN, batch 32, Adam, 1 thread, {args.steps} steps x {args.repeats} repeats"
@@ -115,7 +126,7 @@ def main() -> None:
     print("in step(): share of the wall time spent inside policy.step (the direct cost)\n")
     print(f"{'policy':16s} {'median ratio':>12s} {'min':>7s} {'max':>7s}", end="")
     print(f" {'in step()':>10s} {'holds':>10s}")
-    for name in POLICIES:
+    for name in chosen:
         r = ratios[name]
         median = statistics.median(r)
         print(

@@ -10,12 +10,15 @@ import torch
 
 from tune_alr.policies import build
 from tune_alr.policies.meta import (
-    N_FEATURES,
+    PLAN2_FEATURES,
     adam_update,
     controller_gradient,
     controller_output,
-    make_controller,
+    scratch_weights,
+    unpack,
 )
+
+N_FEATURES = len(PLAN2_FEATURES)  # the scratch controller's inputs
 
 
 def test_hd_follows_the_paper_on_a_quadratic() -> None:
@@ -43,8 +46,8 @@ def test_hd_default_beta_is_the_published_one() -> None:
     assert build("hd", torch.optim.Adam(p, lr=0.1)).beta == 1e-7  # Adam-HD
 
 
-def _torch_controller(net: dict[str, np.ndarray]) -> torch.nn.Sequential:
-    hidden = len(net["b1"])
+def _torch_controller(weights: np.ndarray, hidden: int) -> torch.nn.Sequential:
+    net = unpack(weights, N_FEATURES, hidden)
     ref = torch.nn.Sequential(
         torch.nn.Linear(N_FEATURES, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)
     ).double()
@@ -57,38 +60,42 @@ def _torch_controller(net: dict[str, np.ndarray]) -> torch.nn.Sequential:
 
 
 def test_controller_matches_torch_autograd_and_adam() -> None:
-    """The NumPy controller (forward, gradient, clipped Adam) equals torch's, over 20 steps."""
-    net = make_controller(12, seed=3)
-    net["w2"] = np.random.default_rng(1).normal(size=12)  # non-zero, to test every path
-    ref = _torch_controller(net)
+    """The NumPy controller (forward, gradient, clipped Adam) equals torch's, over 20 steps.
+
+    (Updated when the controller became one flat vector, for the per-step cost: the same
+    checks on the new functions.)
+    """
+    weights = scratch_weights(12, seed=3)
+    unpack(weights, N_FEATURES, 12)["w2"][:] = np.random.default_rng(1).normal(size=12)
+    ref = _torch_controller(weights, 12)
     adam = torch.optim.Adam(ref.parameters(), lr=1e-2)
-    moments = {
-        "m": {k: np.zeros_like(v) for k, v in net.items()},
-        "v": {k: np.zeros_like(v) for k, v in net.items()},
-    }
+    m, v = np.zeros_like(weights), np.zeros_like(weights)
     rng = np.random.default_rng(0)
     for step in range(1, 21):
         x = rng.normal(size=N_FEATURES)
-        signal = float(rng.normal()) * 3.0  # large enough that clipping at 1.0 acts
-        out, _ = controller_output(net, x)
+        signal = float(rng.normal()) * (3.0 if step % 2 else 0.1)  # clipped, or not
+        out, act = controller_output(weights, x, 12)
         ref_out = ref(torch.from_numpy(x))
         assert out == pytest.approx(float(ref_out.detach()), rel=1e-10)
         adam.zero_grad()
         (signal * ref_out).sum().backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         adam.step()
-        grads = controller_gradient(net, x, signal)
-        adam_update(net, grads, moments, step, lr=1e-2, clip=1.0)
+        grad = controller_gradient(weights, x, 12, signal, act)
+        weights, m, v = adam_update(weights, grad, m, v, step, lr=1e-2, clip=1.0,
+                                    n_features=N_FEATURES)  # fmt: skip
+    net = unpack(weights, N_FEATURES, 12)
     np.testing.assert_allclose(net["w1"], ref[0].weight.detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(net["w2"], ref[2].weight.detach().numpy()[0], rtol=1e-6)
 
 
-def test_meta_starts_as_a_constant_lr() -> None:
-    net = make_controller(12, seed=0)
-    assert controller_output(net, np.ones(N_FEATURES))[0] == 0.0
+def test_meta_scratch_starts_as_a_constant_lr() -> None:
+    """Plan 2's blank start (now ``controller="scratch"``; the default is meta-trained)."""
+    weights = scratch_weights(12, seed=0)
+    assert controller_output(weights, np.ones(N_FEATURES), 12)[0] == 0.0
     p = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([p], lr=0.1)
-    policy = build("meta", optimizer)
+    policy = build("meta", optimizer, controller="scratch")
     (p**2).sum().backward()
     optimizer.step()
     policy.step(1.0)
@@ -189,7 +196,7 @@ def test_hd_explicit_beta_wins_over_the_default() -> None:
 # -- meta without a loss ----------------------------------------------------------------
 
 
-def _meta_trace(losses: list[float | None], **params: float) -> tuple[list[float], object]:
+def _meta_trace(losses: list[float | None], **params: object) -> tuple[list[float], object]:
     """Meta on SGD on an ill-conditioned quadratic; ``losses`` are what step() is given."""
     theta = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
     curvature = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64)
@@ -206,8 +213,12 @@ def _meta_trace(losses: list[float | None], **params: float) -> tuple[list[float
 
 
 def test_meta_without_a_loss_is_not_divergence() -> None:
-    """``step()`` with no loss used to trip the guard: five calls left the LR at 1/32."""
-    trace, policy = _meta_trace([None] * 5)
+    """``step()`` with no loss used to trip the guard: five calls left the LR at 1/32.
+
+    On plan 2's blank start (``controller="scratch"``), whose output is exactly 0 until
+    graded, so that any move of the LR would be the guard's.
+    """
+    trace, policy = _meta_trace([None] * 5, controller="scratch")
     assert policy.guard_trips == 0
     assert trace[:2] == [0.3, 0.3]  # nothing graded yet: the controller's output is 0
     # then the controller's first Adam steps (at meta_lr 1e-4) move it a hair, not x1/32

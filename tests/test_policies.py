@@ -114,11 +114,46 @@ def test_feedback_defaults_are_plan1_settings() -> None:
     literal = build("plan1-literal", _optimizer(), evaluate=lambda: 1.0)
     assert (literal.interval, literal.adjust, literal.threshold) == (100, 0.1, 0.01)
     assert not literal.guard and not literal.accelerate and literal.early_interval is None
+    assert literal.warmup_steps == 0 and policy.warmup_steps == 100  # the protective start
+
+
+def test_feedback_protective_start_ramps_up_geometrically() -> None:
+    """From warmup_start x the LR to the LR over warmup_steps steps; checks act on top."""
+    probe = _probe([1.0, 0.5, 0.25, 0.2, 0.19])  # steadily better: raises
+    policy = build("feedback", _optimizer(), evaluate=probe, interval=2, early_interval=None,
+                   warmup_steps=4, warmup_start=0.01, accelerate=False)  # fmt: skip
+    assert policy.get_last_lr() == [pytest.approx(0.01)]  # the first step's LR
+    ramp = [0.01 ** (1 - t / 4) for t in (1, 2, 3)] + [1.0, 1.0, 1.0]
+    factor = [1.0, 1.0, 1.0, 1.1, 1.1, 1.21]  # the check at 2 records, 4 and 6 raise
+    assert _trace(policy, 6) == pytest.approx([r * f for r, f in zip(ramp, factor, strict=True)])
+    assert not policy.warming and policy.warmup == 1.0
+
+
+@pytest.mark.parametrize("cause", ["check", "guard"])
+def test_feedback_protective_start_ends_at_the_first_cut(cause: str) -> None:
+    """A cut during the ramp ends it where it stands: the LR of the step just taken
+    becomes the policy's own, then the cut applies; the LR never jumps back up."""
+    if cause == "check":  # the check at step 4 shows no progress: a 10% cut
+        policy = build("feedback", _optimizer(), evaluate=_probe([1.0, 1.0]), interval=2,
+                       early_interval=None, warmup_steps=10, warmup_start=0.1)  # fmt: skip
+        trace = _trace(policy, 5)
+        stop, cut = 3, 0.9
+    else:  # a non-finite loss at step 3: the guard halves
+        policy = build("feedback", _optimizer(), interval=100, warmup_steps=10, warmup_start=0.1)
+        trace = _trace(policy, 5, losses=[1.0, 1.0, float("nan"), 1.0, 1.0])
+        stop, cut = 2, 0.5
+    ramp = [0.1 ** (1 - t / 10) for t in range(1, stop + 1)]
+    assert trace[:stop] == pytest.approx(ramp)
+    reached = ramp[-1]
+    assert trace[stop:] == pytest.approx([reached * cut] * (5 - stop))
+    assert not policy.warming and policy.factor == pytest.approx(reached * cut)
 
 
 def test_feedback_accelerates_retreats_and_guards() -> None:
     probe = _probe([1.0, 0.9, 0.8, 0.7, 0.75, 2.0, 0.7, 0.6, 0.5])
-    policy = build("feedback", _optimizer(), evaluate=probe, interval=1, early_interval=None)
+    # The rule alone (the protective start is tested below).
+    policy = build("feedback", _optimizer(), evaluate=probe, interval=1, early_interval=None,
+                   warmup_steps=0)  # fmt: skip
     f = [1.0, 1.1, 1.1 * 1.21, 1.1 * 1.21 * 1.331]
     f.append(f[-1] * 0.9 / 1.331)  # the cut after three raises takes the third back
     f.append(f[-1] * 0.5)  # 2.0 > 2 x 0.75: the guard halves the LR
@@ -149,7 +184,7 @@ def test_feedback_raises_withheld_by_the_cooldown_do_not_count_in_the_streak(
     cooldown: int, probes: list[float], expected: list[float]
 ) -> None:
     policy = build("feedback", _optimizer(), evaluate=_probe(probes), interval=1,
-                   early_interval=None, cooldown=cooldown)  # fmt: skip
+                   early_interval=None, cooldown=cooldown, warmup_steps=0)  # fmt: skip
     assert _trace(policy, len(probes)) == pytest.approx(expected, rel=1e-12)
     assert policy.guard_trips == 1
 
@@ -186,7 +221,7 @@ def test_feedback_without_probe_uses_training_loss_and_says_so_once() -> None:
 
 
 def test_feedback_without_any_signal_keeps_the_lr_and_warns() -> None:
-    policy = build("feedback", _optimizer(), interval=1, early_interval=None)
+    policy = build("feedback", _optimizer(), interval=1, early_interval=None, warmup_steps=0)
     with pytest.warns(RuntimeWarning, match="without a loss"):
         assert _trace(policy, 3) == [1.0, 1.0, 1.0]
 
@@ -205,6 +240,9 @@ def test_feedback_without_any_signal_keeps_the_lr_and_warns() -> None:
         ("feedback", {"max_factor": 0.5}, "max_factor must be >= 1"),
         ("feedback", {"min_factor": 2.0}, "min_factor must be <= 1, got 2.0"),
         ("feedback", {"guard_cut": 1.0}, "guard_cut must be in the open interval"),
+        ("feedback", {"warmup_steps": -1}, "warmup_steps must be an integer >= 0, got -1"),
+        ("feedback", {"warmup_start": 0.0}, "warmup_start must be in the open interval"),
+        ("feedback", {"warmup_start": 1.5}, "warmup_start must be in the open interval"),
         ("step", {"gamma": 1.0}, "gamma must be in the open interval (0.0, 1.0), got 1.0"),
         ("step", {"step_size": 0}, "step_size must be an integer >= 1, got 0"),
         ("cyclic", {"low": 0.5, "high": 0.4}, "high must be greater than low=0.5, got 0.4"),
@@ -380,11 +418,12 @@ def _copy(state):
 
 
 def test_state_dict_excludes_the_probe_and_restores_the_lr() -> None:
-    policy = build("feedback", _optimizer(), evaluate=lambda: 1.0)
+    # (Without the protective start, whose ramp would multiply the restored factor.)
+    policy = build("feedback", _optimizer(), evaluate=lambda: 1.0, warmup_steps=0)
     state = policy.state_dict()
     assert "_evaluate" not in state and "optimizer" not in state
     state["factor"] = 0.25
-    fresh = Feedback(_optimizer(), evaluate=lambda: 1.0)
+    fresh = Feedback(_optimizer(), evaluate=lambda: 1.0, warmup_steps=0)
     fresh.load_state_dict(state)
     assert fresh.optimizer.param_groups[0]["lr"] == 0.25
     assert fresh.get_last_lr() == [0.25]

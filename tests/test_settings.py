@@ -32,6 +32,7 @@ CASES: dict[str, tuple[Any, Any, tuple[str, ...]]] = {
     "epochs": (3, 3, ("exp", "trial", "task", "cli")),
     "max_steps": (7, 7, ("exp", "trial", "task", "cli")),
     "report_every": (5, 5, ("exp", "trial", "task", "cli")),
+    "checkpoint_every": (3, 3, ("trial", "task", "cli")),
     "policy_params": ({"interval": 7}, {"interval": 7}, ("exp", "arm", "cli")),
     "optimizer_params": (
         {"weight_decay": 1e-2},
@@ -288,7 +289,8 @@ def test_batch_size_report_every_and_optimizer_params_have_their_effect() -> Non
 
 def test_policy_params_and_clip_grad_have_their_effect() -> None:
     config = _resolved(policies=["feedback"], max_steps=20, report_every=20,
-                       policy_params={"feedback": {"interval": 5, "early_interval": None}},
+                       policy_params={"feedback": {"interval": 5, "early_interval": None,
+                                                   "warmup_steps": 0}},
                        trial={"clip_grad": 1e-9})  # fmt: skip
     reports, states = _train(config)
     assert states[-1].policy["interval"] == 5 and reports[-1]["policy/checks"] == 4

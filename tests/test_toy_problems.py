@@ -1,10 +1,15 @@
 """Mis-set LRs on small deterministic problems (``tune_alr.toy_problems``).
 
-The claim checked for ``meta``: from every start (1e-5, 10x too low, 10x too high, 30x
-too high) it ends within 3.5x of the final loss of the best constant LR of an 8-value
-grid, in the same 600 SGD steps, with every loss and LR finite. For ``hd``, ``feedback``
-and ``plan1-literal`` the table records where each recovers (within 1.6x); elsewhere
-they stay finite but do not recover, as ``python benchmarks/toy_problems.py`` shows.
+The claim checked for ``meta``, with the shipped meta-trained controller and with plan 2's
+blank start (``controller="scratch"``): from every start (1e-5, 10x too low, 10x too high,
+30x too high) it ends within 3.5x of the final loss of the best constant LR of an 8-value
+grid, in the same 600 SGD steps, with every loss and LR finite. Measured: the shipped
+controller ends at 1.06x, 1.53x, 0.94x, 1.46x (logreg) and 2.60x, 3.33x, 2.44x, 2.87x
+(mlp); scratch at 1.09x, 1.02x, 1.14x, 1.47x and 2.77x, 3.13x, 1.25x, 2.71x. The goal of
+1.15x from every start is not met by either (see README). For ``hd``, ``feedback`` and
+``plan1-literal`` the table records where each recovers (within 1.6x); elsewhere they
+stay finite but do not recover, as ``python benchmarks/toy_problems.py`` shows. The toy
+problems are not in the meta-training distribution.
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ def test_the_grid_has_an_interior_best() -> None:
     assert _best("logreg")[0] == 1.0 and _best("mlp")[0] == 0.3
 
 
+@pytest.mark.parametrize("controller", ["default", "scratch"])
 @pytest.mark.parametrize("problem", ["logreg", "mlp"])
 @pytest.mark.parametrize("which", STARTS)
-def test_meta_ends_near_the_best_constant_lr(problem: str, which: str) -> None:
-    result = run(problem, "meta", _start(problem, which))
+def test_meta_ends_near_the_best_constant_lr(problem: str, which: str, controller: str) -> None:
+    result = run(problem, "meta", _start(problem, which), controller=controller)
     assert result.finite
     assert result.final_loss <= META_FACTOR * _best(problem)[1]
 
@@ -49,8 +55,11 @@ RECOVERS = {
     ("hd", "logreg", "10x low"),
     ("feedback", "logreg", "10x low"),
     ("feedback", "logreg", "10x high"),
-    # ("feedback", "mlp", "10x high") recovered to 1.6x while a raise withheld by the
-    # guard's cooldown still counted in the streak; counted right, it ends at 1.77x.
+    # With the protective start (a ramp from 0.1x over 100 steps that the first cut
+    # ends): 1.30x and 1.31x / 1.35x; without it 3.32x, and 1.77x / 11.02x on the MLP.
+    ("feedback", "logreg", "30x high"),
+    ("feedback", "mlp", "10x high"),
+    ("feedback", "mlp", "30x high"),
     ("plan1-literal", "logreg", "10x low"),
 }
 
@@ -67,3 +76,15 @@ def test_other_policies_as_recorded(policy: str, problem: str, which: str) -> No
         assert ratio > RECOVERED  # the limitation, recorded: update the table if fixed
     if policy != "plan1-literal":  # the literal rule has no guard: it may blow up
         assert result.finite
+
+
+@pytest.mark.parametrize("problem", ["logreg", "mlp"])
+@pytest.mark.parametrize("which", ["10x high", "30x high"])
+def test_feedback_protective_start_rescues_a_start_too_high(problem: str, which: str) -> None:
+    """The protective start (feedback's default) against the same rule without it."""
+    start = _start(problem, which)
+    best = _best(problem)[1]
+    protected = run(problem, "feedback", start)
+    bare = run(problem, "feedback", start, warmup_steps=0)
+    assert protected.finite and protected.final_loss <= 1.4 * best
+    assert bare.final_loss > 1.4 * best  # without it: 1.47x, 3.32x, 1.77x, 11.02x

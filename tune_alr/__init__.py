@@ -17,6 +17,7 @@ _LAZY = {
     "Experiment": "experiment",
     "PolicyStopper": "stopper",
     "Results": "results",
+    "meta_train": "metatrain",
     "resume": "runner",
     "run": "runner",
 }

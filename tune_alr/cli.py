@@ -292,6 +292,10 @@ def parser() -> argparse.ArgumentParser:
     chk.add_argument("file", help="e.g. cluster/aws.yaml")
 
     sub.add_parser("list", help="list the tasks, policies and hardware profiles")
+
+    from .metatrain import add_meta_train_parser
+
+    add_meta_train_parser(sub)
     return root
 
 
@@ -476,6 +480,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _ui(args)
     if args.command == "list":
         return _list()
+    if args.command == "meta-train":
+        from .metatrain import meta_train_command
+
+        return meta_train_command(args)
     if args.command == "check-cluster":
         from .clusterfile import check
 
