@@ -323,3 +323,19 @@ def test_settings_from_trial_reach_a_real_ray_trial_and_mlflow(
     assert history[0].step == 1 and history[0].value == 0.05
     assert len(history) == math.ceil(1078 / 32)
     assert child.data.params["optimizer"] == "sgd" and child.data.params["epochs"] == "1"
+
+
+def test_a_relative_controller_path_reaches_the_trial_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A trial runs in its own working directory: a relative path would lead nowhere there.
+    from importlib import resources
+
+    shipped = resources.files("tune_alr.policies") / "controllers" / "default.json"
+    (tmp_path / "mine.json").write_text(shipped.read_text())
+    monkeypatch.chdir(tmp_path)
+    config = _resolved(policies=["meta"], policy_params={"meta": {"controller": "mine.json"}})
+    assert config["policy_params"]["controller"] == str(tmp_path / "mine.json")
+    for name in ("default", "scratch"):
+        config = _resolved(policies=["meta"], policy_params={"meta": {"controller": name}})
+        assert config["policy_params"]["controller"] == name

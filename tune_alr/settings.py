@@ -336,10 +336,22 @@ def _cell(
         winner = applicable[-1]
         usage.took(key, winner, offered)
         settings[key], sources[key] = winner.value, winner.place
+    settings["policy_params"] = _absolute_controller(settings["policy"], settings["policy_params"])
     if exp.budget is not None:
         # Last: the budget scales the epochs however they were set.
         settings["epochs"] = max(1, round(settings["epochs"] * exp.budget))
     return Cell(task=task, label=arm.label, settings=settings, sources=sources)
+
+
+def _absolute_controller(policy: str, params: dict[str, Any]) -> dict[str, Any]:
+    """meta's ``controller`` given as a relative path, made absolute here: a trial runs in
+    its own working directory (Ray Tune's trial folder), where the path would not lead."""
+    controller = params.get("controller")
+    if policy != "meta" or not isinstance(controller, (str, os.PathLike)):
+        return params
+    if os.fspath(controller) in ("default", "scratch"):
+        return params
+    return {**params, "controller": os.path.abspath(os.fspath(controller))}
 
 
 def resolve(exp: Experiment) -> list[Cell]:
