@@ -42,7 +42,7 @@ def test_trials_that_all_fail_end_failed_in_mlflow_and_the_cli(
         assert child.data.tags["tune_alr.status"] == "failed"
         assert "memory cap" in child.data.tags["tune_alr.error"]
     summary = (tmp_path / "results" / "capped" / "summary.csv").read_text()
-    assert ",2,0,0,2," in summary  # seeds 2, finished 0, diverged 0, failed 2
+    assert ",2,0,0,0,2," in summary  # seeds 2, finished 0, diverged 0, stopped 0, failed 2
 
 
 @pytest.mark.heavy

@@ -67,7 +67,8 @@ def test_markdown_rows_have_as_many_cells_as_the_header() -> None:
     table = [line for line in lines if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1
     # A miss is infinite (median of {20, inf}); records without resource figures show "-".
-    assert table[2].endswith("| never (1/2) | - | - | - |")
+    # (the constructed records trained no step of their own and measured no CPU time)
+    assert table[2].endswith("| never (1/2) | - | - | - | -, 0 |")
 
 
 def test_presets_build_valid_experiments() -> None:

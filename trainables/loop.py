@@ -446,7 +446,9 @@ def _setup(cfg: TrialConfig, caps: hardware.Applied, sampler: ResourceSampler) -
     data = task.load(cfg.data_request())
     t1 = time.perf_counter()
     model = task.model(data, cfg.task_options()).to(device)
-    sampler.check()  # data and model are in memory: the first place a cap can bite
+    # Data and model are in memory: the first place a cap can bite. Read now, not at the
+    # sampling thread's next tick: a short run can end before that.
+    sampler.check(fresh=True)
     bn_order = torch.Generator().manual_seed(cfg.seed + 1)  # never touches the data order
     batch_size = cfg.batch_size
 

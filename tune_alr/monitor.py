@@ -118,8 +118,11 @@ class ResourceSampler:
 
     # -- reading ----------------------------------------------------------------------
 
-    def check(self) -> None:
-        """Raise :class:`MemoryCapExceeded` if the guard has tripped."""
+    def check(self, *, fresh: bool = False) -> None:
+        """Raise :class:`MemoryCapExceeded` if the guard has tripped: on the sampling
+        thread's last reading, or (``fresh``) on one taken now."""
+        if fresh:
+            self.sample()
         if self.exceeded is not None:
             raise MemoryCapExceeded(self.exceeded)
 

@@ -213,6 +213,13 @@ class Run:
         if not self._spec.modes:
             yield self.model
             return
+        # Schedule-Free's eval() and train() move the weights between y and x by
+        # arithmetic (lerp), which is not exact both ways: the weights after a round trip
+        # differ in their last bits, so a run would depend on how often it evaluated (a
+        # trial's last report, with its test split, would checkpoint other weights than
+        # the same step of a longer run). The training weights are put back as they were.
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in self.model.parameters()]
         self.optimizer.eval()  # type: ignore[attr-defined]
         try:
             if _has_batchnorm(self.model) and self._bn_batches is not None:
@@ -220,6 +227,9 @@ class Run:
             yield self.model
         finally:
             self.optimizer.train()  # type: ignore[attr-defined]
+            with torch.no_grad():
+                for param, value in zip(self.model.parameters(), kept, strict=True):
+                    param.copy_(value)
 
     @torch.no_grad()
     def _recompute_batchnorm(self) -> None:

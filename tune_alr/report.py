@@ -241,7 +241,10 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
             "failed": int((~group["status"].isin(["finished", "diverged", "stopped"])).sum()),
             # equal-compute comparisons: what the arm spent over all its trials, stopped
             # and failed ones included
-            "cpu_s_total": float(group["cpu_s"].fillna(0).sum()),
+            # unknown (no trial measured it) rather than a made-up 0
+            "cpu_s_total": float(group["cpu_s"].sum())
+            if group["cpu_s"].notna().any()
+            else math.nan,
             "steps_total": int(group["steps_run"].sum()),
         }
         for metric in ("val_acc", "val_loss", "test_acc"):
@@ -292,7 +295,7 @@ def to_markdown(summary: pd.DataFrame, title: str = "Summary") -> str:
             f"| {_target_cell(r['steps_to_target_median'], r['target_hits'], r['seeds'])} "
             f"| {format_num(r['cpu_s_mean'], '.1f')} | {format_num(r['peak_rss_mb_mean'], '.0f')} "
             f"| {format_num(r['policy_ms_per_step_mean'], '.3f')} "
-            f"| {r['cpu_s_total']:.1f}, {r['steps_total']} |"
+            f"| {format_num(r['cpu_s_total'], '.1f')}, {r['steps_total']} |"
         )
     return "\n".join(lines) + "\n"
 
