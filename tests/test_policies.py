@@ -115,8 +115,8 @@ def test_feedback_defaults_are_plan1_settings() -> None:
     assert (literal.interval, literal.adjust, literal.threshold) == (100, 0.1, 0.01)
     assert not literal.guard and not literal.accelerate and literal.early_interval is None
     assert literal.warmup_steps == 0 and policy.warmup_steps == 100  # the protective start
-    # ... at most a tenth of a run of known length (digits' 102 steps: 10)
-    assert build("feedback", _optimizer(), evaluate=lambda: 1.0, total_steps=102).warmup_steps == 10
+    # ... at most a quarter of a run of known length (digits' 102 steps: 25)
+    assert build("feedback", _optimizer(), evaluate=lambda: 1.0, total_steps=102).warmup_steps == 25
     assert (
         build("feedback", _optimizer(), evaluate=lambda: 1.0, total_steps=5000).warmup_steps == 100
     )

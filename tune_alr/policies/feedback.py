@@ -20,7 +20,7 @@ answer to a diverging run. On top of it, and each switchable:
 * ``min_factor`` / ``max_factor``: the LR stays within those multiples of its start.
 * ``warmup_steps`` / ``warmup_start`` (the protective start): the LR starts at
   ``warmup_start`` (0.1) times the given LR and rises geometrically to it over the first
-  ``warmup_steps`` (100, and at most a tenth of the run when its length is known)
+  ``warmup_steps`` (100, and at most a quarter of the run when its length is known)
   steps, while the checks run as usual (their raises and cuts
   multiply the ramp). The first cut during the ramp (a check without progress, or the
   guard) ends it where it stands: the LR reached so far becomes the policy's own and
@@ -104,8 +104,8 @@ class Feedback(IntervalPolicy):
             the next raise or cut starts a new one.
         min_factor, max_factor: bounds on the LR as multiples of the initial LR.
             Defaults 1e-3 and 100. Use 0 and ``math.inf`` to disable.
-        warmup_steps: length of the protective start in steps, at most a tenth of
-            ``total_steps`` when that is given; 0 disables it. Default 100.
+        warmup_steps: length of the protective start in steps, at most a quarter
+            of ``total_steps`` when that is given; 0 disables it. Default 100.
         warmup_start: the LR's multiplier at the first step of the protective start, in
             (0, 1]. Default 0.1.
     """
@@ -165,9 +165,9 @@ class Feedback(IntervalPolicy):
         self.guard_trips = 0
         self.reference: float | None = None  # the signal of the last sane check
         if total_steps is not None and warmup_steps > 0:
-            # A tenth of the run at most: a short run (digits' 100 steps) would otherwise
+            # A quarter of the run at most: a short run (digits' 100 steps) would otherwise
             # spend all of it below the LR it was given.
-            warmup_steps = min(warmup_steps, max(1, total_steps // 10))
+            warmup_steps = min(warmup_steps, max(1, total_steps // 4))
         self.warmup_steps = warmup_steps
         self.warmup_start = float(warmup_start)
         # The protective start: the ramp's multiplier on the LR (1 once it has ended).
