@@ -1,4 +1,4 @@
-"""The ``tune-alr`` command: demo, run, report, ui, list.
+"""The ``tune-alr`` command: demo, run, bench, report, resume, ui, check-cluster, list, meta-train.
 
 Bad input exits with status 2 and one line that names the bad value and what is
 accepted, before Ray starts.
