@@ -28,6 +28,23 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield folder
 
 
+@pytest.fixture(autouse=True)
+def mlflow_credentials() -> Iterator[None]:
+    """MLflow's credential variables as they were before each test: connecting to a store
+    whose URI carries credentials sets them for the process (``tune_alr.credentials``),
+    and a later test, or a process it starts, would inherit another test's."""
+    names = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One Ray instance for the whole session (2 CPUs), its files under the test tmp,

@@ -108,7 +108,9 @@ def guarded_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     proxy = _AuthProxy(free_port(), server.uri, "alice", PASSWORD)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     uri = f"http://alice:{PASSWORD}@127.0.0.1:{proxy.server_address[1]}"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # as a user runs it
+    # as a user runs it: no test's switches, no credentials but the URI's
+    env = {k: v for k, v in os.environ.items()
+           if k != "RAY_AUTH_MODE" and not k.startswith("MLFLOW_TRACKING_")}  # fmt: skip
     run = subprocess.Popen(
         [sys.executable, "-m", "tune_alr.cli", "run", "--tasks", "digits", "--policies",
          "constant", "--seeds", "1", "--epochs", "2", "--name", "secure",

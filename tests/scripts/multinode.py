@@ -10,6 +10,7 @@ node it ran on and the caps it reported.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -23,6 +24,10 @@ import tune_alr
 def main(workdir: Path) -> None:
     # A short folder of its own: Ray's socket paths must stay under 108 bytes.
     ray_tmp = tempfile.mkdtemp(prefix="tar-mn-", dir="/tmp")
+    # Ray writes the cluster's address into <RAY_TMPDIR or /tmp>/ray/ray_current_cluster
+    # without creating that folder, which a fresh machine does not have yet.
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    os.makedirs(os.path.join(ray_tmp, "ray"), exist_ok=True)
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 0, "temp_dir": ray_tmp},
