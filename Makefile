@@ -46,7 +46,7 @@ browser-deps:
 ## the MLflow UI in headless Chromium); what CI runs
 test-all: $(STAMP) browser-deps
 	@if [ -d "$(SHARED_DATA)" ]; then export TUNE_ALR_DATA_DIR="$(SHARED_DATA)"; fi; \
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check tune_alr trainables tests benchmarks

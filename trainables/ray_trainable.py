@@ -49,6 +49,11 @@ from . import loop
 from .checkpoint import CHECKPOINT_FILE, TrainState
 
 logger = logging.getLogger(__name__)
+# Ray's trainable logs "Restored on <ip> from checkpoint: ..." at every restore (each PBT
+# exploit, each retry), forwarded to the driver's terminal, and does so in the worker
+# before ``train`` runs: quieted here, when the worker imports this module to unpickle
+# the trainable. The progress table and MLflow's ``reapplied`` say what matters.
+logging.getLogger("ray.tune.trainable.trainable").setLevel(logging.WARNING)
 
 #: Errors that a retry would only repeat: ``ValueError`` (every config and data check,
 #: ``hub.DataUnavailable`` included) and the memory guard's ``MemoryCapExceeded`` (a
