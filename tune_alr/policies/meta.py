@@ -87,7 +87,7 @@ import torch
 from torch.optim import Optimizer
 
 from .base import Evaluate, Policy, check_fraction, check_int, check_positive
-from .hypergrad import restore_buffers, snapshot
+from .hypergrad import Alignment, restore_buffers, snapshot
 
 FEATURE_NAMES = (
     "log_lr_decades",
@@ -390,19 +390,12 @@ def _clip(value: float, low: float = -1.0, high: float = 1.0) -> float:
 
 
 @dataclass(frozen=True)
-class Observation:
-    """One step's alignment: ``dot = <g_t, u_{t-1}>``, the norms of ``g_t`` and
-    ``u_{t-1}``, and ``next_dot = <g_t, u_t>`` (of the update just made)."""
+class Observation(Alignment):
+    """One step's :class:`~tune_alr.policies.hypergrad.Alignment` (``dot = <g_t, u_{t-1}>``,
+    the norms of ``g_t`` and ``u_{t-1}``, ``cos``) and ``next_dot = <g_t, u_t>`` (of the
+    update just made)."""
 
-    dot: float
-    grad_norm: float
-    update_norm: float
     next_dot: float
-
-    @property
-    def cos(self) -> float:
-        denominator = self.grad_norm * self.update_norm
-        return self.dot / denominator if denominator > 0 else 0.0
 
 
 @torch.no_grad()
