@@ -52,7 +52,9 @@ def without(spec: Any, feature: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--controller", default="default", help="default, or a file's path")
+    parser.add_argument(
+        "--controller", default="meta-trained", help="meta-trained (shipped), or a file's path"
+    )
     parser.add_argument("--problems", type=int, default=12, help="fresh problems (default 12)")
     parser.add_argument("--seed", type=int, default=20_000, help="their seed (default 20000)")
     parser.add_argument("--num-cpus", type=float, default=2, help="Ray CPUs (default 2)")

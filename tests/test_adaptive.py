@@ -90,7 +90,7 @@ def test_controller_matches_torch_autograd_and_adam() -> None:
 
 
 def test_meta_scratch_starts_as_a_constant_lr() -> None:
-    """Plan 2's blank start (now ``controller="scratch"``; the default is meta-trained)."""
+    """Plan 2's blank start (``controller="scratch"``, the default)."""
     weights = scratch_weights(12, seed=0)
     assert controller_output(weights, np.ones(N_FEATURES), 12)[0] == 0.0
     p = torch.nn.Parameter(torch.ones(3))
@@ -102,10 +102,11 @@ def test_meta_scratch_starts_as_a_constant_lr() -> None:
     assert policy.get_last_lr() == [0.1]  # nothing graded yet: delta is exactly 0
 
 
-def test_meta_guard_halves_the_lr_on_a_non_finite_loss() -> None:
+@pytest.mark.parametrize("controller", ["scratch", "meta-trained"])
+def test_meta_guard_halves_the_lr_on_a_non_finite_loss(controller: str) -> None:
     p = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([p], lr=0.1)
-    policy = build("meta", optimizer)
+    policy = build("meta", optimizer, controller=controller)
     optimizer.step()
     policy.step(float("nan"))
     assert policy.get_last_lr() == [pytest.approx(0.05)] and policy.guard_trips == 1
@@ -256,10 +257,11 @@ def test_meta_without_a_loss_holds_the_loss_features() -> None:
     assert policy.guard_trips == 0
 
 
-def test_meta_without_a_loss_still_trips_on_a_non_finite_gradient() -> None:
+@pytest.mark.parametrize("controller", ["scratch", "meta-trained"])
+def test_meta_without_a_loss_still_trips_on_a_non_finite_gradient(controller: str) -> None:
     p = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([p], lr=0.1)
-    policy = build("meta", optimizer)
+    policy = build("meta", optimizer, controller=controller)
     p.grad = torch.tensor([1.0, float("nan"), 0.0])
     optimizer.step()
     policy.step()

@@ -331,11 +331,11 @@ def test_a_relative_controller_path_reaches_the_trial_absolute(
     # A trial runs in its own working directory: a relative path would lead nowhere there.
     from importlib import resources
 
-    shipped = resources.files("tune_alr.policies") / "controllers" / "default.json"
+    shipped = resources.files("tune_alr.policies") / "controllers" / "meta-trained.json"
     (tmp_path / "mine.json").write_text(shipped.read_text())
     monkeypatch.chdir(tmp_path)
     config = _resolved(policies=["meta"], policy_params={"meta": {"controller": "mine.json"}})
     assert config["policy_params"]["controller"] == str(tmp_path / "mine.json")
-    for name in ("default", "scratch"):
+    for name in ("scratch", "meta-trained"):
         config = _resolved(policies=["meta"], policy_params={"meta": {"controller": name}})
         assert config["policy_params"]["controller"] == name

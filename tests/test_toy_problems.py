@@ -41,7 +41,7 @@ def test_the_grid_has_an_interior_best() -> None:
     assert _best("logreg")[0] == 1.0 and _best("mlp")[0] == 0.3
 
 
-@pytest.mark.parametrize("controller", ["default", "scratch"])
+@pytest.mark.parametrize("controller", ["meta-trained", "scratch"])
 @pytest.mark.parametrize("problem", ["logreg", "mlp"])
 @pytest.mark.parametrize("which", STARTS)
 def test_meta_ends_near_the_best_constant_lr(problem: str, which: str, controller: str) -> None:

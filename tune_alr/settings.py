@@ -349,7 +349,7 @@ def _absolute_controller(policy: str, params: dict[str, Any]) -> dict[str, Any]:
     controller = params.get("controller")
     if policy != "meta" or not isinstance(controller, (str, os.PathLike)):
         return params
-    if os.fspath(controller) in ("default", "scratch"):
+    if os.fspath(controller) in ("scratch", "meta-trained"):
         return params
     return {**params, "controller": os.path.abspath(os.fspath(controller))}
 
