@@ -44,6 +44,9 @@ def test_space_entries_parse(key: str, spec: str, expected: tuple[Any, ...]) -> 
          "grace_period must be a number > 0"),
         ({"scheduler": "pbt", "scheduler_params": {"synch": 1}},
          "scheduler option synch must be true or false, got 1"),
+        ({"scheduler": "pbt", "trial": {"checkpoint_every": 3}},
+         "pbt restores a member from the checkpoint of the report it ranked: it needs "
+         "checkpoint_every 1, got 3"),
         ({"num_samples": 4}, "num_samples is the number of trials of a search"),
         ({"search": "optuna", "tasks": ["digits", "mnist"]}, "a search tunes one task"),
         ({"search": "optuna", "space": {"lr": "log:0:1"}}, "need LOW < HIGH and LOW > 0"),

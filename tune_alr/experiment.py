@@ -338,7 +338,8 @@ class Experiment:
                 f"got {self.stopper!r}."
             )
         cells = self.cells()
-        settings.trial_configs(self, cells)  # every value of every trial
+        configs = settings.trial_configs(self, cells)  # every value of every trial
+        scheduling.check_configs(self, configs)
         storage.check_local_data(cells)
         if self.max_concurrent is not None and (
             isinstance(self.max_concurrent, bool)

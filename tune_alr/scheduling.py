@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from trainables.config import TrialConfig
+
     from .experiment import Experiment
     from .settings import Cell
 
@@ -223,6 +225,21 @@ def check(exp: Experiment) -> list[Dimension]:
             "with --search grid."
         )
     return dimensions(exp)
+
+
+def check_configs(exp: Experiment, configs: Sequence[TrialConfig]) -> None:
+    """What the scheduler needs of the resolved trials: a population scheduler exploits
+    the donor's latest checkpoint, which must be the report it ranked, so every report
+    must carry one (``checkpoint_every`` 1); another cadence is refused, not overridden."""
+    if exp.scheduler not in POPULATION:
+        return
+    cadences = sorted({c.checkpoint_every for c in configs if c.checkpoint_every != 1})
+    if cadences:
+        raise ValueError(
+            f"{exp.scheduler} restores a member from the checkpoint of the report it ranked: "
+            f"it needs checkpoint_every 1, got {', '.join(map(str, cadences))}; remove the "
+            "setting or use another scheduler."
+        )
 
 
 def _options(exp: Experiment) -> dict[str, Any]:
