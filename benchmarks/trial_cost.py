@@ -69,6 +69,18 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def _mnist_config(data_dir: str) -> Any:
+    """The ``mnist-anchor`` workload's ``TrialConfig`` (constant LR) on ``data_dir``."""
+    from trainables import TrialConfig
+    from tune_alr.workloads import workload
+
+    w = workload("mnist")
+    return TrialConfig.from_dict(
+        {"task": w.task, "policy": "constant", **w.trial, "task_params": dict(w.task_params),
+         "data_dir": data_dir}
+    )  # fmt: skip
+
+
 # --- 1. Evaluation -----------------------------------------------------------------------
 
 
@@ -77,14 +89,9 @@ def measure_eval(data_dir: str, repeats: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from trainables import TrialConfig, loop, tasks
-    from tune_alr.workloads import workload
+    from trainables import loop, tasks
 
-    w = workload("mnist")
-    cfg = TrialConfig.from_dict(
-        {"task": w.task, "policy": "constant", **w.trial, "task_params": dict(w.task_params),
-         "data_dir": data_dir}
-    )  # fmt: skip
+    cfg = _mnist_config(data_dir)
     torch.set_num_threads(1)
     task = tasks.get(cfg.task)
     loop.seed_everything(0)
@@ -164,14 +171,9 @@ def measure_eval(data_dir: str, repeats: int) -> dict[str, Any]:
 
 
 def measure_data(data_dir: str, repeats: int) -> dict[str, Any]:
-    from trainables import TrialConfig, tasks
-    from tune_alr.workloads import workload
+    from trainables import tasks
 
-    w = workload("mnist")
-    cfg = TrialConfig.from_dict(
-        {"task": w.task, "policy": "constant", **w.trial, "task_params": dict(w.task_params),
-         "data_dir": data_dir}
-    )  # fmt: skip
+    cfg = _mnist_config(data_dir)
     load = tasks.get("mnist").load
     t0 = time.perf_counter()
     first = load(cfg.data_request())

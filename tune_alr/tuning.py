@@ -41,6 +41,7 @@ from . import report, runner, tracking
 from .experiment import Arm, Experiment
 from .policies.base import check_int
 from .results import trial_folders
+from .scheduling import POPULATION
 from .tuner import (
     checkpoints_to_keep,
     quiet_ray_output,
@@ -181,7 +182,7 @@ def _run(search: Search, method: str, space: dict[str, Any], tune_config: Any) -
                 storage_path=str(storage),
                 # PBT restores members from their donors' checkpoints: keep them all.
                 checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=checkpoints_to_keep(method in ("pbt", "pb2"))
+                    num_to_keep=checkpoints_to_keep(method in POPULATION)
                 ),
                 callbacks=run_callbacks(parent.handle, search.verbose),
                 verbose=ray_verbosity(search.verbose),
