@@ -74,6 +74,10 @@ def test_resume_continues_the_identical_run(tmp_path: Path) -> None:
         assert a["lr_trace"] == b["lr_trace"]
         assert a["val_loss"] == b["val_loss"]  # bit for bit on CPU
         assert a["lr"] == b["lr"]
+    # CPU: the cumulative counter carries the checkpoint's, the windows only this run's
+    windows = [m["proc/cpu_window_s"] for m in resumed.metrics]
+    assert all(w > 0 for w in windows)
+    assert resumed.metrics[-1]["proc/cpu_s"] == pytest.approx(state.cpu_s + sum(windows))
 
 
 # The keys a checkpoint has always held; the loop added the last six over time.

@@ -59,6 +59,18 @@ def test_summary_means_stds_and_time_to_target() -> None:
     assert b["val_acc_mean"] == pytest.approx(0.45)  # the failed trial has no accuracy
 
 
+def test_an_arms_cpu_is_what_its_trials_ran_themselves() -> None:
+    # A PBT member that exploited a donor at step 10: its cumulative counter carries the
+    # donor's 5 CPU-s, its windows only its own 1 + 2.
+    exploited = _record("a", 0, 0.9, **{"proc/cpu_s": 7.0, "proc/cpu_window_s": 2.0})
+    exploited.results[0].update({"proc/cpu_s": 1.0, "proc/cpu_window_s": 1.0})
+    older = _record("a", 1, 0.9, **{"proc/cpu_s": 4.0})  # written before the windows
+    frame = trials_frame([exploited, older]).set_index("seed")
+    assert frame.loc[0, "cpu_s"] == 7.0 and frame.loc[0, "cpu_s_run"] == 3.0
+    assert frame.loc[1, "cpu_s_run"] == 4.0
+    assert summarize(frame.reset_index()).loc[0, "cpu_s_total"] == 7.0
+
+
 def test_markdown_rows_have_as_many_cells_as_the_header() -> None:
     from tune_alr.report import to_markdown
 

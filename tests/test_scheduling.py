@@ -211,12 +211,12 @@ def test_the_leaderboard_on_constructed_trials(tmp_path: Path) -> None:
     # a policy's one run, and a search that spent 4x as much for a little more accuracy
     policy = pd.DataFrame([{"task": "digits", "policy": "feedback", "seed": s,
                             "best_val_acc": 0.97 + 0.001 * s, "val_acc": 0.96,
-                            "steps_run": 340, "cpu_s": 3.0} for s in range(3)])  # fmt: skip
+                            "steps_run": 340, "cpu_s_run": 3.0} for s in range(3)])  # fmt: skip
     entries = leaderboard.policy_entries(policy, ["feedback"])
     for seed in range(3):
         search = pd.DataFrame([
-            {"best_val_acc": math.nan, "val_acc": 0.95, "steps_run": 100, "cpu_s": 1.0},
-            {"best_val_acc": 0.98, "val_acc": 0.98, "steps_run": 1260, "cpu_s": 11.0},
+            {"best_val_acc": math.nan, "val_acc": 0.95, "steps_run": 100, "cpu_s_run": 1.0},
+            {"best_val_acc": 0.98, "val_acc": 0.98, "steps_run": 1260, "cpu_s_run": 11.0},
         ])  # fmt: skip
         entries.append(leaderboard.entry("digits", "asha", 4, seed, search))
     board = leaderboard.table(entries).set_index("method")

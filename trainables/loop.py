@@ -349,6 +349,7 @@ class _Trial:
     reapplied: list[str] = field(default_factory=list)  # what a PBT exploit changed
     restored_lr: float = math.nan  # the step size the checkpoint held
     first_step: int = 1  # the first step this process takes
+    cpu_reported: float = 0.0  # this process's CPU seconds at its last report
     loop_t0: float = 0.0
     window: _Window = field(default_factory=lambda: _Window(start=1))
     started: float = 0.0  # when train() was called (this process)
@@ -627,6 +628,11 @@ def _metrics(
         **{f"policy/{k}": v for k, v in trial.policy.diagnostics().items()},
         **trial.sampler.snapshot(),
     }
+    # The CPU this process spent since its last report: summed over a trial's reports it
+    # is the compute the trial ran itself, where ``proc/cpu_s`` (cumulative, restored from
+    # the checkpoint) also holds a PBT donor's CPU before the exploit.
+    metrics["proc/cpu_window_s"] = metrics["proc/cpu_s"] - trial.cpu_reported
+    trial.cpu_reported = metrics["proc/cpu_s"]
     metrics["proc/cpu_s"] += trial.cpu_s_before
     if trial.reached is not None:
         metrics["steps_to_target"], metrics["wall_s_to_target"] = trial.reached

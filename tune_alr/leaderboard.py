@@ -101,7 +101,7 @@ def entry(task: str, method: str, budget: float, seed: int, trials: pd.DataFrame
         seed=seed,
         best_val_acc=float(finite.max()) if finite.size else math.nan,
         steps=int(trials["steps_run"].sum()),
-        cpu_s=float(trials["cpu_s"].fillna(0).sum()),
+        cpu_s=float(trials["cpu_s_run"].fillna(0).sum()),
     )
 
 
@@ -140,29 +140,43 @@ def policy_entries(trials: pd.DataFrame, policies: Sequence[str]) -> list[Entry]
                 seed=int(row.seed),
                 best_val_acc=best if math.isfinite(best) else float(row.val_acc),
                 steps=int(row.steps_run),
-                cpu_s=float(row.cpu_s),
+                cpu_s=float(row.cpu_s_run),
             )
         )
     return out
 
 
 def run(bench: Bench, trials: pd.DataFrame) -> pd.DataFrame:
-    """Run every method at every budget on every workload and seed; the entries."""
+    """Run every method at every budget on every workload and seed; the entries.
+
+    The searches share one Ray session (started here unless Ray is already up, or
+    joined at ``bench.address``): each search is still its own Ray Tune experiment and
+    MLflow parent run, but Ray starts once, not once per search.
+    """
+    import time
+
+    from .runner import ray_session
     from .runner import run as run_experiment
 
     entries = policy_entries(trials, bench.policies)
-    for task, group in trials.groupby("task"):
-        policy_steps = int(group[group["policy"].isin(bench.policies)]["steps_run"].median())
-        for seed in bench.seed_list():
-            for method in METHODS:
-                for budget in BUDGETS:
-                    exp = search_experiment(bench, str(task), method, budget, seed, policy_steps)
-                    results = run_experiment(exp)
-                    found = entry(str(task), method, budget, seed, results.trials())
-                    entries.append(found)
-                    print(f"leaderboard {task} seed {seed}: {method} at {budget}x "
-                          f"({found.steps} steps): best val acc {found.best_val_acc:.4f}",
-                          flush=True)  # fmt: skip
+    with ray_session(bench.address):
+        for task, group in trials.groupby("task"):
+            mine = group[group["policy"].isin(bench.policies)]
+            policy_steps = int(mine["steps_run"].median())
+            for seed in bench.seed_list():
+                for method in METHODS:
+                    for budget in BUDGETS:
+                        exp = search_experiment(
+                            bench, str(task), method, budget, seed, policy_steps
+                        )
+                        began = time.perf_counter()
+                        results = run_experiment(exp)
+                        found = entry(str(task), method, budget, seed, results.trials())
+                        entries.append(found)
+                        print(f"leaderboard {task} seed {seed}: {method} at {budget}x "
+                              f"({found.steps} steps, {found.cpu_s:.0f} CPU-s): best val acc "
+                              f"{found.best_val_acc:.4f} [{time.perf_counter() - began:.0f} s]",
+                              flush=True)  # fmt: skip
     return pd.DataFrame([e.__dict__ for e in entries])
 
 

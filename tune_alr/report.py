@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,18 @@ def load_trials(
     return records
 
 
+def _own_cpu(results: Sequence[Mapping[str, Any]], last: Mapping[str, Any]) -> float:
+    """CPU seconds a trial ran itself: its reports' ``proc/cpu_window_s`` summed.
+
+    Reports written before that metric existed give the cumulative ``proc/cpu_s`` of the
+    last report, which a PBT exploit inflates with the donor's CPU.
+    """
+    windows = [r["proc/cpu_window_s"] for r in results if "proc/cpu_window_s" in r]
+    if windows:
+        return float(sum(windows))
+    return float(last.get("proc/cpu_s", math.nan))
+
+
 def trials_frame(records: Iterable[TrialRecord]) -> pd.DataFrame:
     """One row per trial: its config keys and its last reported metrics."""
     rows = []
@@ -197,6 +209,8 @@ def trials_frame(records: Iterable[TrialRecord]) -> pd.DataFrame:
                 "wall_s_to_target": last.get("wall_s_to_target", _miss(record)),
                 "profile": next((r["profile"] for r in record.results if "profile" in r), ""),
                 "cpu_s": last.get("proc/cpu_s", math.nan),
+                # the CPU this trial ran itself (a PBT member's donor's is not its own)
+                "cpu_s_run": _own_cpu(record.results, last),
                 "cpu_percent": _mean(r.get("proc/cpu_percent") for r in record.results),
                 "peak_rss_mb": max(
                     (r["proc/peak_rss_mb"] for r in record.results if "proc/peak_rss_mb" in r),
@@ -242,8 +256,8 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
             # equal-compute comparisons: what the arm spent over all its trials, stopped
             # and failed ones included
             # unknown (no trial measured it) rather than a made-up 0
-            "cpu_s_total": float(group["cpu_s"].sum())
-            if group["cpu_s"].notna().any()
+            "cpu_s_total": float(group["cpu_s_run"].sum())
+            if group["cpu_s_run"].notna().any()
             else math.nan,
             "steps_total": int(group["steps_run"].sum()),
         }

@@ -93,9 +93,11 @@ def build_tuner(
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,
             # A worker process per trial costs seconds of start-up and imports; reusing
-            # it between trials with the same resources halves short experiments. A
-            # population scheduler pauses and restores members: each keeps its own.
-            reuse_actors=not population,
+            # it between trials with the same resources halves short experiments. PBT and
+            # PB2 pause a member at every perturbation while others catch up, then
+            # resume it from its checkpoint: in a reused worker (Ray's ``reset_config``
+            # ends the paused function first) rather than a fresh process each time.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=exp.name,

@@ -314,8 +314,9 @@ def population(
         scheduler=scheduler,
         num_samples=search.num_samples,
         max_concurrent_trials=search.max_concurrent,
-        # Each member must run its own trainable process: PBT pauses and restores them.
-        reuse_actors=False,
+        # PBT pauses and resumes members from their checkpoints: in reused workers, not a
+        # fresh process per resume (see tune_alr.tuner).
+        reuse_actors=True,
         **_names(),
     )
     space = {**base, "lr": tune.loguniform(*search.lr_range), "checkpoint_every": 1}
