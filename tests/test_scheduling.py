@@ -57,6 +57,13 @@ def test_space_entries_parse(key: str, spec: str, expected: tuple[Any, ...]) -> 
         ({"scheduler": "pbt", "space": {"feedback.interval": "int:5:50"}},
          "pbt mutates every member of the population"),
         ({"scheduler": "pbt", "search": "optuna"}, "pbt is a search of its own"),
+        ({"scheduler": "pbt"}, "pbt copies a donor's whole config into the member it "
+         "exploits, so every member must run the same policy; got constant, feedback"),
+        ({"scheduler": "pb2", "policies": ["feedback"], "tasks": ["digits", "mnist"]},
+         "every member must run the same task; got digits, mnist"),
+        ({"scheduler": "pbt", "policies": [Arm("a", "feedback", "adam"),
+                                           Arm("b", "feedback", "sgd")]},
+         "every member must run the same optimizer; got adam, sgd"),
         ({"search": "optuna", "space": {"lr": "uniform:1:2"}}, "unknown kind 'uniform'"),
     ],
 )  # fmt: skip

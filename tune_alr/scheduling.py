@@ -230,7 +230,8 @@ def check(exp: Experiment) -> list[Dimension]:
 def check_configs(exp: Experiment, configs: Sequence[TrialConfig]) -> None:
     """What the scheduler needs of the resolved trials: a population scheduler exploits
     the donor's latest checkpoint, which must be the report it ranked, so every report
-    must carry one (``checkpoint_every`` 1); another cadence is refused, not overridden."""
+    must carry one (``checkpoint_every`` 1); another cadence is refused, not overridden.
+    Every member must run the same task, policy and optimizer: an exploit copies them too."""
     if exp.scheduler not in POPULATION:
         return
     cadences = sorted({c.checkpoint_every for c in configs if c.checkpoint_every != 1})
@@ -240,6 +241,17 @@ def check_configs(exp: Experiment, configs: Sequence[TrialConfig]) -> None:
             f"it needs checkpoint_every 1, got {', '.join(map(str, cadences))}; remove the "
             "setting or use another scheduler."
         )
+    # An exploit copies the donor's whole config (not only the mutated LR) and its
+    # checkpoint into the member: across tasks, policies or optimizers a member would go on
+    # as another arm's trial while its results were still counted under its own arm.
+    for field in ("task", "policy", "optimizer"):
+        values = sorted({str(getattr(c, field)) for c in configs})
+        if len(values) > 1:
+            raise ValueError(
+                f"{exp.scheduler} copies a donor's whole config into the member it exploits, "
+                f"so every member must run the same {field}; got {', '.join(values)}. Run one "
+                f"experiment per {field}, or choose among them with --search optuna."
+            )
 
 
 def _options(exp: Experiment) -> dict[str, Any]:
