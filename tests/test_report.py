@@ -71,6 +71,24 @@ def test_an_arms_cpu_is_what_its_trials_ran_themselves() -> None:
     assert summarize(frame.reset_index()).loc[0, "cpu_s_total"] == 7.0
 
 
+def test_the_driver_side_result_log_is_read_before_rays_result_json(tmp_path: Path) -> None:
+    import json
+
+    from tune_alr.report import RESULTS_FILE, load_trials
+
+    for name, rows in (("whole", [10, 20, 30]), ("ray-only", [10, 20])):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "params.json").write_text(json.dumps({"task": "digits", "policy": "x"}))
+        lines = [json.dumps({"step": s, "status": "running"}) for s in rows]
+        (folder / "result.json").write_text("\n".join(lines[:2]) + "\n")  # cut short
+        if name == "whole":
+            (folder / RESULTS_FILE).write_text("\n".join(lines) + "\n")
+    whole, ray_only = load_trials(tmp_path)
+    assert [r["step"] for r in whole.results] == [10, 20, 30]
+    assert [r["step"] for r in ray_only.results] == [10, 20]  # older folders still read
+
+
 def test_markdown_rows_have_as_many_cells_as_the_header() -> None:
     from tune_alr.report import to_markdown
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -274,6 +275,8 @@ def test_population_schedulers_continue_the_policy_state_across_an_exploit(
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", verbose=0,
     )  # fmt: skip
     results = tune_alr.run(exp)
+    for record in results.records:
+        _reports_are_contiguous(record.results)
     exploited = [r for rec in results.records for r in rec.results if "reapplied" in r]
     assert exploited, f"{scheduler} made no exploit"
     for row in exploited:
@@ -285,3 +288,41 @@ def test_population_schedulers_continue_the_policy_state_across_an_exploit(
             # the perturbation of the base LR
             assert row["lr_trace"][0] != pytest.approx(row["restored_lr"])
     assert all(r.status in ("finished", "stopped") for r in results.records)
+
+
+def _reports_are_contiguous(results: list[dict[str, Any]]) -> None:
+    """Each report continues from the one before it (``lr_trace_start`` = its step + 1),
+    except the first after an exploit (``reapplied``): no report of the trial was lost."""
+    for before, after in itertools.pairwise(results):
+        if "reapplied" not in after:
+            assert after["lr_trace_start"] == before["step"] + 1, (before["step"], after["step"])
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_a_budgeted_population_ends_every_member_and_keeps_every_report(
+    ray_session: None, tmp_path: Path
+) -> None:
+    # Four PBT members on two CPUs: PBT pauses a member at each perturbation while the
+    # others catch up, and the compute budget ends the experiment with members running
+    # and paused (Ray Tune then calls no on_trial_complete for them).
+    from tune_alr.stopper import ComputeBudget
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = Experiment(
+        name="budgeted", seeds=1, max_steps=100, report_every=10, scheduler="pbt",
+        policies=[Arm(f"adam-{lr:g}", "constant", "adam", lr) for lr in (1e-4, 1e-3, 3e-3, 1e-2)],
+        scheduler_params={"perturbation_interval": 2}, stopper=ComputeBudget(240),
+        output=tmp_path / "out", tracking_uri=uri, verbose=0,
+    )  # fmt: skip
+    results = tune_alr.run(exp)
+    statuses = [r.status for r in results.records]
+    assert "incomplete" not in statuses and "stopped" in statuses, statuses
+    for record in results.records:
+        if record.status == "stopped":
+            assert "compute budget of 240 steps was spent" in str(record.stop_reason)
+        _reports_are_contiguous(record.results)
+    assert results.trials()["steps_run"].sum() >= 240
+    children = [r for r in _runs(uri, "budgeted") if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 4 and all(r.info.status in ("FINISHED", "KILLED") for r in children)
+    assert sum(r.info.status == "KILLED" for r in children) == statuses.count("stopped")

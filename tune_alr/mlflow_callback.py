@@ -72,6 +72,17 @@ class MLflowTracking(tune.Callback):
         else:
             self._safely("finish", TrialLogger.finish, trial.trial_id, "FINISHED")
 
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # Trials ended by the stopper's stop_all() get no on_trial_complete (Ray Tune
+        # 2.60): their runs end here as stopped. After an interruption they stay open for
+        # a resume to continue.
+        if self.recorder is None or not self.recorder.experiment_stopped():
+            return
+        open_runs = set(self._logger.open_trials()) if self._logger is not None else set()
+        for trial in trials:
+            if trial.trial_id in open_runs:
+                self.on_trial_complete(0, trials, trial)
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = getattr(trial, "error_file", None)
         message = Path(error).read_text()[-2000:] if error and Path(error).is_file() else None

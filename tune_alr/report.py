@@ -48,6 +48,9 @@ SUMMARY_COLUMNS = [
 
 #: The file a trial stopped early gets (``tune_alr.stopper``; read here without Ray).
 STOP_FILE = "tune_alr_stopped.json"
+#: Every result of a trial as the driver received it (``tune_alr.resultlog``), preferred
+#: to Ray Tune's ``result.json``, which a restore from a checkpoint can cut short.
+RESULTS_FILE = "tune_alr_results.jsonl"
 
 #: Relative improvement of the best validation loss below which it counts as stable.
 STABLE_TOLERANCE = 0.01
@@ -155,7 +158,11 @@ def load_trials(
             TrialRecord(
                 path=folder,
                 config=json.loads(params.read_text()),
-                results=_read_json_lines(folder / "result.json"),
+                results=_read_json_lines(
+                    folder / RESULTS_FILE
+                    if (folder / RESULTS_FILE).is_file()
+                    else folder / "result.json"
+                ),
                 error=error_file.read_text() if error_file.is_file() else None,
                 stop_reason=(
                     json.loads(stop_file.read_text()).get("reason") if stop_file.is_file() else None

@@ -153,12 +153,19 @@ class StopRecorder(tune.Callback):
     """Writes why a trial ended before its last step into its folder (the tables read it).
 
     A trial that completes with a last report still ``running`` was stopped: by
-    ``stopper`` (its reason) or else by the scheduler ``scheduler`` names.
+    ``stopper`` (its reason), by the stopper ending the whole experiment (``stop_all``,
+    as :class:`ComputeBudget` does), or else by the scheduler ``scheduler`` names.
     """
 
     def __init__(self, scheduler: str, stopper: Any) -> None:
         self.scheduler = scheduler
         self.stopper = stopper
+        self.recorded: set[str] = set()
+
+    def experiment_stopped(self) -> bool:
+        """Whether the stopper has ended the whole experiment (its ``stop_all``)."""
+        stop_all = getattr(self.stopper, "stop_all", None)
+        return bool(callable(stop_all) and stop_all())
 
     def reason(self, trial: Any) -> str | None:
         """Why ``trial`` stopped early, or ``None`` when it ran to its end."""
@@ -170,6 +177,8 @@ class StopRecorder(tune.Callback):
             return str(reasons[trial.trial_id])
         if isinstance(self.stopper, ComputeBudget) and self.stopper.stop_all():
             return f"the experiment's compute budget of {self.stopper.steps} steps was spent"
+        if self.experiment_stopped():
+            return f"the stopper {type(self.stopper).__name__} ended the experiment"
         return (
             f"stopped early by the {self.scheduler} scheduler after "
             f"{last.get('training_iteration', '?')} reports (step {last.get('step', '?')})"
@@ -182,6 +191,17 @@ class StopRecorder(tune.Callback):
         folder = Path(str(getattr(trial, "path", "") or ""))
         if folder.is_dir():  # a local experiment folder (a URI storage: MLflow has it)
             (folder / STOP_FILE).write_text(json.dumps({"reason": reason}))
+            self.recorded.add(trial.trial_id)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # Ray Tune 2.60 ends every trial when the stopper's stop_all() says so without
+        # calling on_trial_complete: the trials running or paused then are recorded here.
+        # An experiment that ended otherwise (interrupted) leaves them to a resume.
+        if not self.experiment_stopped():
+            return
+        for trial in trials:
+            if trial.trial_id not in self.recorded:
+                self.on_trial_complete(0, trials, trial)
 
 
 __all__ = ["STOP_FILE", "ComputeBudget", "PolicyStopper", "StopRecorder"]

@@ -487,6 +487,10 @@ class TrialLogger:
             state.epochs.append(float(result.get("epoch", math.nan)))
         state.last_step = step
 
+    def open_trials(self) -> list[str]:
+        """The trials whose runs this logger has started and not yet ended."""
+        return list(self._trials)
+
     def stop(self, trial_id: str, reason: str) -> None:
         """End the run of a trial stopped before its last step: KILLED (MLflow's word for
         a run ended from outside), tagged ``tune_alr.status=stopped`` with the reason."""

@@ -172,14 +172,16 @@ def run_callbacks(
     scheduler: str = "fifo",
     stopper: Any = None,
 ) -> list[Any]:
-    """MLflow logging (with a store), the record of early stops and, at ``verbose == 1``,
-    the progress table."""
+    """Every result into the trial's folder (:class:`~tune_alr.resultlog.ResultLog`), MLflow
+    logging (with a store), the record of early stops and, at ``verbose == 1``, the
+    progress table."""
     from .mlflow_callback import MLflowTracking
     from .progress import ProgressTable
+    from .resultlog import ResultLog
     from .stopper import StopRecorder
 
     recorder = StopRecorder(scheduler, stopper)
-    callbacks: list[Any] = [recorder]
+    callbacks: list[Any] = [ResultLog(), recorder]
     if handle is not None:
         callbacks.append(MLflowTracking(handle, recorder))
     if verbose == 1:
