@@ -10,11 +10,9 @@ Both run the same trainable as every other trial (``trainables.train``) and log 
 MLflow like an experiment (a parent run and one child per trial). The cost of tuning is
 counted: ``cost_s`` is the training wall seconds of every trial of the search, and
 ``cost_steps`` their optimizer steps, so a tuned baseline can be set against a policy
-that needed one run. Both are summed over the report windows Ray Tune recorded. Under
-PBT that can undercount: with Ray Tune 2.60 a member that PBT paused and restored from
-its own checkpoint was seen to lack the records of the reports just before the pause
-(a restore from step 60 with no step-50 and step-60 rows), so a PBT cost is a lower
-bound.
+that needed one run. Both are summed over every report the driver received
+(``tune_alr.resultlog``: Ray Tune 2.60's own ``result.json`` loses the reports before a
+restore, which under PBT made these costs a lower bound).
 
 * :func:`optuna_search`: ``OptunaSearch`` (TPE, seeded) over the LR (log-uniform) and
   any other ranges given, ``num_samples`` trials, optionally pruned by ``ASHAScheduler``
