@@ -64,7 +64,10 @@ class Bench:
             digits bench, 11 for digits and MNIST together).
         baseline: the reference arm (its label) that defines the target and that every
             policy is compared with, besides the anchors; ``None``: the best grid arm.
-        policies: the policies under test, at the workload's default optimizer and LR.
+        policies: the policies under test: names, run at the workload's default optimizer
+            and LR, or :class:`~tune_alr.experiment.Arm` s (a policy with its own LR,
+            optimizer or parameters, e.g. ``Arm("meta-shipped", "meta",
+            params={"controller": "meta-trained"})``), compared like the named ones.
         anchors: the anchor optimizers (``tune_alr.optimizers.ANCHORS``).
         grid: the fixed LRs of the Adam grid.
         budget: scales epochs and data like ``Experiment.budget`` (``None``: full).
@@ -82,7 +85,7 @@ class Bench:
     tasks: Sequence[str] = ("digits",)
     seeds: int | Sequence[int] | None = None
     baseline: str | None = None
-    policies: Sequence[str] = POLICIES
+    policies: Sequence[str | Arm] = POLICIES
     anchors: Sequence[str] = optimizers.ANCHORS
     grid: Sequence[float] = GRID_LRS
     budget: float | None = None
@@ -102,6 +105,10 @@ class Bench:
         """How many comparisons the bench makes (each policy against each anchor and
         the reference, per workload): the family Holm's correction runs over."""
         return len(self.policies) * (len(self.anchors) + 1) * len(self.tasks)
+
+    def policy_labels(self) -> list[str]:
+        """The labels of the arms under test (a name is its own label)."""
+        return [p if isinstance(p, str) else p.label for p in self.policies]
 
     def seed_list(self) -> list[int]:
         """The paired seeds: as given, or enough for significance (see ``seeds``)."""
@@ -139,8 +146,8 @@ class Bench:
                     f"unknown anchor {name!r}; accepted: {', '.join(optimizers.ANCHORS)}."
                 )
         grid = [Arm(grid_label(lr), "constant", "adam", float(lr)) for lr in self.grid]
-        arms = [*grid, *(Arm(p, p) for p in self.policies), *(Arm(a, "constant", a)
-                for a in self.anchors)]  # fmt: skip
+        mine = [Arm(p, p) if isinstance(p, str) else p for p in self.policies]
+        arms = [*grid, *mine, *(Arm(a, "constant", a) for a in self.anchors)]
         labels = [a.label for a in arms]
         if self.baseline is not None and self.baseline not in labels:
             raise ValueError(

@@ -158,10 +158,10 @@ def run(bench: Bench, trials: pd.DataFrame) -> pd.DataFrame:
     from .runner import ray_session
     from .runner import run as run_experiment
 
-    entries = policy_entries(trials, bench.policies)
+    entries = policy_entries(trials, bench.policy_labels())
     with ray_session(bench.address):
         for task, group in trials.groupby("task"):
-            mine = group[group["policy"].isin(bench.policies)]
+            mine = group[group["policy"].isin(bench.policy_labels())]
             policy_steps = int(mine["steps_run"].median())
             for seed in bench.seed_list():
                 for method in METHODS:
