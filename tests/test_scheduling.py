@@ -318,6 +318,9 @@ def test_a_budgeted_population_ends_every_member_and_keeps_every_report(
     results = tune_alr.run(exp)
     statuses = [r.status for r in results.records]
     assert "incomplete" not in statuses and "stopped" in statuses, statuses
+    # each member is counted under the arm it started as, whatever donors it copied
+    assert sorted(r.config["label"] for r in results.records) == sorted(a.label for a in exp.arms)
+    assert (results.summary()["seeds"] == 1).all()
     for record in results.records:
         if record.status == "stopped":
             assert "compute budget of 240 steps was spent" in str(record.stop_reason)

@@ -143,6 +143,11 @@ def load_trials(
     ``only``: the trial folder names to read. Ray Tune puts a second run under the same
     experiment name into the same folder, beside the first run's trials; a run reads
     just its own (``Result.path`` of its ``ResultGrid``).
+
+    A record's ``config`` is the one the trial started with (its first result's): a PBT
+    or PB2 exploit copies the donor's config into the member and Ray rewrites
+    ``params.json`` with it, so a member would be counted under its last donor's arm.
+    The config after each exploit stays in that result's ``config``.
     """
     root = Path(experiment_dir)
     if not root.is_dir():
@@ -154,15 +159,15 @@ def load_trials(
             continue
         error_file = folder / "error.txt"
         stop_file = folder / STOP_FILE
+        results = _read_json_lines(
+            folder / RESULTS_FILE if (folder / RESULTS_FILE).is_file() else folder / "result.json"
+        )
+        start = results[0].get("config") if results else None
         records.append(
             TrialRecord(
                 path=folder,
-                config=json.loads(params.read_text()),
-                results=_read_json_lines(
-                    folder / RESULTS_FILE
-                    if (folder / RESULTS_FILE).is_file()
-                    else folder / "result.json"
-                ),
+                config=start if isinstance(start, dict) else json.loads(params.read_text()),
+                results=results,
                 error=error_file.read_text() if error_file.is_file() else None,
                 stop_reason=(
                     json.loads(stop_file.read_text()).get("reason") if stop_file.is_file() else None
