@@ -55,7 +55,10 @@ def test_a_changed_policy_parameter_is_applied_and_the_rest_of_the_state_kept(
 
 
 def _results(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+    from tune_alr.report import RESULTS_FILE
+
+    # the driver's whole log of the trial (Ray's result.json can miss reports at a restore)
+    return [json.loads(line) for line in (folder / RESULTS_FILE).read_text().splitlines()]
 
 
 @pytest.mark.slow
