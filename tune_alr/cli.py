@@ -505,7 +505,13 @@ def _floats(text: str) -> list[float]:
 
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
-    from .bench_report import COMPARISON_HEAD, TABLE_HEAD, comparison_rows, table_rows
+    from .bench_report import (
+        COMPARISON_HEAD,
+        TABLE_HEAD,
+        comparison_rows,
+        leaderboard_rows,
+        table_rows,
+    )
 
     fields: dict[str, Any] = {
         "tasks": args.tasks, "seeds": args.seeds, "budget": args.budget,
@@ -526,6 +532,9 @@ def _bench(args: argparse.Namespace) -> int:
         rows = comparison_rows(outcome.comparisons, task)
         if rows:
             print(_plain_table(COMPARISON_HEAD, rows))
+    if not outcome.leaderboard.empty:
+        print("\nAccuracy against compute (medians over seeds; compute in policy runs):")
+        print(_plain_table(*leaderboard_rows(outcome.leaderboard)))
     note = spec.power_note()
     if note:
         print(f"\nToo few seeds for significance: {note}")
