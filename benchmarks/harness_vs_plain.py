@@ -79,7 +79,7 @@ def warm_cache(data_dir: str, env: dict[str, str]) -> None:
         "from tune_alr.workloads import workload\n"
         "from trainables import TrialConfig, tasks\n"
         "w = workload('mnist')\n"
-        "cfg = TrialConfig.from_dict({'task': w.task, **w.trial, "
+        "cfg = TrialConfig.from_dict({'task': w.task, 'policy': 'constant', **w.trial, "
         "'task_params': dict(w.task_params), 'data_dir': sys.argv[1]})\n"
         "tasks.get(cfg.task).load(cfg.data_request())\n"
     )
