@@ -329,3 +329,29 @@ def test_a_budgeted_population_ends_every_member_and_keeps_every_report(
     children = [r for r in _runs(uri, "budgeted") if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 4 and all(r.info.status in ("FINISHED", "KILLED") for r in children)
     assert sum(r.info.status == "KILLED" for r in children) == statuses.count("stopped")
+
+
+def test_the_stop_record_of_an_experiment_end_only_when_the_stopper_ended_it(
+    tmp_path: Path,
+) -> None:
+    from types import SimpleNamespace
+
+    from tune_alr.report import STOP_FILE
+    from tune_alr.stopper import ComputeBudget, StopRecorder
+
+    def trial(name: str, status: str) -> Any:
+        (tmp_path / name).mkdir()
+        last = {"status": status, "step": 20, "training_iteration": 2}
+        return SimpleNamespace(trial_id=name, last_result=last, path=str(tmp_path / name))
+
+    budget = ComputeBudget(100)
+    recorder = StopRecorder("pbt", budget)
+    running, done = trial("running", "running"), trial("done", "finished")
+    recorder.on_experiment_end([running, done])  # budget not spent: an interruption
+    assert not list(tmp_path.glob(f"*/{STOP_FILE}"))
+    budget.spent = 100
+    recorder.on_experiment_end([running, done])
+    assert json.loads((tmp_path / "running" / STOP_FILE).read_text()) == {
+        "reason": "the experiment's compute budget of 100 steps was spent"
+    }
+    assert not (tmp_path / "done" / STOP_FILE).exists()
