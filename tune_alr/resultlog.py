@@ -6,7 +6,7 @@ checkpoint (a PBT or PB2 exploit, a member resumed after a pause, a retry after 
 crash), its JSON logger first copies the storage's ``result.json`` back over the staging
 one: the reports received since the last copy are lost from the file. Measured here: the
 PBT searches of the digits leaderboard (a 1360-step budget, counted from the reports the
-driver received) left 930 to 1170 steps in their members' ``result.json`` files.
+driver received) left 760 to 1260 steps in their members' ``result.json`` files.
 
 :class:`ResultLog` writes each result straight into the trial's storage folder
 (``tune_alr_results.jsonl``, next to ``result.json``), where nothing overwrites it, and
