@@ -137,7 +137,9 @@ def quiet_ray_output(verbose: int) -> Iterator[None]:
     hint even at verbosity 0; its older one prints nothing at 0. ``RAY_AIR_NEW_OUTPUT``
     chooses between them when ``fit`` starts; the user's own setting is restored after.
     Ray's warning about trials without results (a search's never-started ones) is held
-    back too.
+    back too, and so is its JSON logger's "Remote file not found" at every restore of a
+    member whose ``result.json`` was not yet in storage (``tune_alr.resultlog`` keeps
+    the results; errors of that logger still show).
     """
     if verbose >= 2:
         yield
@@ -148,13 +150,18 @@ def quiet_ray_output(verbose: int) -> Iterator[None]:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Trials a budget or a search created and then never ran have no results: Ray warns
     # of each; the tables count them as they are.
-    analysis = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    level = analysis.level
-    analysis.setLevel(logging.ERROR)
+    quieted = [
+        logging.getLogger("ray.tune.analysis.experiment_analysis"),
+        logging.getLogger("ray.tune.logger.logger"),
+    ]
+    levels = [q.level for q in quieted]
+    for q in quieted:
+        q.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        analysis.setLevel(level)
+        for q, level in zip(quieted, levels, strict=True):
+            q.setLevel(level)
         if saved is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
