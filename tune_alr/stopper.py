@@ -175,9 +175,9 @@ class StopRecorder(tune.Callback):
         reasons = getattr(self.stopper, "reasons", {})
         if trial.trial_id in reasons:
             return str(reasons[trial.trial_id])
-        if isinstance(self.stopper, ComputeBudget) and self.stopper.stop_all():
-            return f"the experiment's compute budget of {self.stopper.steps} steps was spent"
         if self.experiment_stopped():
+            if isinstance(self.stopper, ComputeBudget):
+                return f"the experiment's compute budget of {self.stopper.steps} steps was spent"
             return f"the stopper {type(self.stopper).__name__} ended the experiment"
         return (
             f"stopped early by the {self.scheduler} scheduler after "
