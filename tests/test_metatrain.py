@@ -61,6 +61,10 @@ def test_meta_train_end_to_end(ray_session: None, tmp_path: Path) -> None:
             "1",
             "--validate-every",
             "1",
+            "--start",
+            "constant",
+            "--start-decades=-2,1",
+            "--validation-starts=-1,0",
             "--output",
             str(out),
             "--tracking-uri",
@@ -78,6 +82,10 @@ def test_meta_train_end_to_end(ray_session: None, tmp_path: Path) -> None:
         assert key in provenance, key
     assert provenance["settings"]["generations"] == 2
     assert provenance["settings"]["population"] == 4
+    # Every setting given reaches the job and its record.
+    assert provenance["settings"]["start"] == "constant"
+    assert provenance["settings"]["start_decades"] == [-2.0, 1.0]
+    assert provenance["settings"]["validation_starts"] == [-1.0, 0.0]
     policy = build("meta", _optimizer(), controller=str(path))
     assert policy.controller_features == tuple(FEATURE_NAMES)
     assert policy.weights.size == controller_size(len(FEATURE_NAMES), 8)
@@ -108,6 +116,10 @@ def test_meta_train_end_to_end(ray_session: None, tmp_path: Path) -> None:
         (["--hidden", "0"], "hidden must be an integer from 1 to 4096, got 0"),
         (["--max-minutes", "0"], "max_minutes must be a number of minutes > 0"),
         (["--tracking-uri", "nope://x"], "malformed tracking URI 'nope://x'"),
+        (["--start-decades=1,-1"], "start_decades must be two numbers (low, high) with low"),
+        (["--start-decades=-2"], "start_decades must be two numbers (low, high)"),
+        (["--start-decades=a,b"], "--start-decades must be comma-separated numbers"),
+        (["--validation-starts="], "validation_starts must be a non-empty list of numbers"),
     ],
 )
 def test_meta_train_refuses_bad_settings_before_ray(
@@ -118,6 +130,35 @@ def test_meta_train_refuses_bad_settings_before_ray(
     assert cli.main(["meta-train", *argv]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
+
+
+def test_an_unknown_es_start_is_refused_by_argparse_and_by_python() -> None:
+    from tune_alr.metatrain import meta_train
+
+    with pytest.raises(SystemExit):
+        _parse(["--start", "zeros"])
+    with pytest.raises(ValueError, match=r"start must be one of \['prior', 'constant'\]"):
+        meta_train(start="zeros")
+
+
+def test_the_es_starts_as_a_constant_lr_or_as_the_hypergradient_prior() -> None:
+    """``start="constant"`` is a zero output layer (the controller moves no LR);
+    ``"prior"`` lowers the LR while consecutive updates oppose (cos_ema > 0)."""
+    from tune_alr.metatrain import initial_weights
+    from tune_alr.policies.meta import controller_output, unpack
+
+    n, hidden = len(FEATURE_NAMES), 8
+    constant = initial_weights(FEATURE_NAMES, hidden, 0, "constant")
+    assert not unpack(constant, n, hidden)["w2"].any()
+    opposing = np.zeros(n)
+    opposing[FEATURE_NAMES.index("cos_ema")] = 0.5
+    assert controller_output(constant, opposing, hidden)[0] == 0.0
+    prior = initial_weights(FEATURE_NAMES, hidden, 0, "prior")
+    assert controller_output(prior, opposing, hidden)[0] < 0.0
+    assert controller_output(prior, -opposing, hidden)[0] > 0.0
+    # The hidden layers are the same draw: only the output wiring differs.
+    w1_c, w1_p = unpack(constant, n, hidden)["w1"], unpack(prior, n, hidden)["w1"]
+    assert np.array_equal(w1_c[1:], w1_p[1:])
 
 
 def test_meta_train_is_a_lazy_export() -> None:

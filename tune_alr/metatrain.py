@@ -229,9 +229,11 @@ def evaluate(
     return table
 
 
-def validation_tasks(problems: Sequence[ProblemSpec]) -> list[Task]:
-    """The fixed held-out runs: each problem from each of :data:`VALIDATION_STARTS`."""
-    return [Task(p, d, True) for p in problems for d in VALIDATION_STARTS]
+def validation_tasks(
+    problems: Sequence[ProblemSpec], starts: Sequence[float] = VALIDATION_STARTS
+) -> list[Task]:
+    """The fixed held-out runs: each problem from each start (decades from its best)."""
+    return [Task(p, d, True) for p in problems for d in starts]
 
 
 # -- evolution strategies -----------------------------------------------------------------
@@ -265,24 +267,35 @@ class Adam:
         return x + self.lr * m_hat / (np.sqrt(v_hat) + 1e-8)
 
 
-def initial_weights(features: Sequence[str], hidden: int, seed: int) -> np.ndarray:
-    """Where the ES starts: a hypergradient prior over a blank controller.
+#: Where the ES mean starts (:func:`initial_weights`).
+STARTS = ("prior", "constant")
 
-    The hidden layer is initialised as ``torch.nn.Linear`` is; then the first hidden unit
-    reads ``-2 * cos_ema`` only and is the one unit wired to the output (0.1), so that
-    the start raises the LR while consecutive updates agree and lowers it when they
-    oppose (about ``0.05 * tanh(-2 cos_ema)`` per step): the sign of the hypergradient,
-    which the ES then shapes over whole runs. Without ``cos_ema`` among the features,
-    the output layer is zero (a constant LR, as ``controller="scratch"``).
+
+def initial_weights(
+    features: Sequence[str], hidden: int, seed: int, start: str = "prior"
+) -> np.ndarray:
+    """Where the ES starts: a blank controller, with or without a hypergradient prior.
+
+    The hidden layer is initialised as ``torch.nn.Linear`` is. ``start="constant"``: the
+    output layer is zero, so the start is a constant LR (as ``controller="scratch"``,
+    over these features), and every move away from it is one the ES found to pay over
+    whole runs. ``start="prior"``: the first hidden unit reads ``-2 * cos_ema`` only and
+    is the one unit wired to the output (0.1), so that the start raises the LR while
+    consecutive updates agree and lowers it when they oppose (about ``0.05 * tanh(-2
+    cos_ema)`` per step): the sign of the greedy hypergradient, which the ES then shapes
+    over whole runs (without ``cos_ema`` among the features, the output layer is zero).
     """
     import numpy as np
+
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {list(STARTS)}, got {start!r}.")
 
     rng = np.random.default_rng(seed)
     bound = 1.0 / math.sqrt(len(features))
     w1 = rng.uniform(-bound, bound, size=(hidden, len(features)))
     b1 = rng.uniform(-bound, bound, size=hidden)
     w2 = np.zeros(hidden)
-    if "cos_ema" in features:
+    if start == "prior" and "cos_ema" in features:
         w1[0] = 0.0
         b1[0] = 0.0
         w1[0, list(features).index("cos_ema")] = -2.0
@@ -336,6 +349,8 @@ def check_settings(
     validate_every: Any,
     seed: Any,
     num_cpus: Any,
+    start: Any = "prior",
+    validation_starts: Any = VALIDATION_STARTS,
 ) -> None:
     """``ValueError`` naming the first bad setting (before Ray or MLflow start)."""
     from .policies.meta import FEATURE_NAMES, MAX_HIDDEN
@@ -388,6 +403,15 @@ def check_settings(
         and start_decades[0] < start_decades[1],
         "two numbers (low, high) with low < high",
     )
+    _check(
+        "validation_starts",
+        validation_starts,
+        isinstance(validation_starts, (list, tuple))
+        and bool(validation_starts)
+        and all(_is_number(d) for d in validation_starts),
+        "a non-empty list of numbers (decades from each held-out problem's best LR)",
+    )
+    _check("start", start, start in STARTS, f"one of {list(STARTS)}")
     _check("validate_every", validate_every, _is_int(validate_every, 1), "an integer >= 1")
     _check("seed", seed, _is_int(seed, 0), "an integer >= 0")
     _check(
@@ -410,7 +434,9 @@ def meta_train(
     hidden: int = 8,
     features: Sequence[str] | None = None,
     final_weight: float = 0.25,
-    start_decades: tuple[float, float] = (-3.5, 1.5),
+    start_decades: Sequence[float] = (-3.5, 1.5),
+    validation_starts: Sequence[float] = VALIDATION_STARTS,
+    start: str = "prior",
     no_total_share: float = 0.2,
     validate_every: int = 5,
     seed: int = 0,
@@ -438,6 +464,10 @@ def meta_train(
             policy's ``FEATURE_NAMES``; ``None``: all of them).
         final_weight: the weight of the final checkpoint in a run's score.
         start_decades: the range of the start LRs, in decades from each problem's best.
+        validation_starts: the held-out runs' starts, in decades from each held-out
+            problem's best constant LR.
+        start: where the ES mean starts: ``"prior"`` (the greedy hypergradient's sign)
+            or ``"constant"`` (a constant LR); see :func:`initial_weights`.
         no_total_share: the share of runs whose policy is not told the run's length.
         validate_every: generations between scores on the held-out runs (the last
             generation is always scored).
@@ -473,6 +503,8 @@ def meta_train(
         validate_every=validate_every,
         seed=seed,
         num_cpus=num_cpus,
+        start=start,
+        validation_starts=validation_starts,
     )
     _check(
         "no_total_share",
@@ -507,9 +539,9 @@ def meta_train(
         "seed": seed,
         "weights": controller_size(len(features), hidden),
         "checkpoints": CHECKPOINTS,
-        "validation_starts": list(VALIDATION_STARTS),
+        "validation_starts": [float(d) for d in validation_starts],
         "max_minutes": max_minutes,
-        "start": "hypergradient prior (see initial_weights)",
+        "start": start,
     }
     from .runner import parent_run, ray_session
 
@@ -587,7 +619,7 @@ class _Job:
         refs = references(
             [*train, *held_out], runner, s["final_weight"], self.folder / "references.json"
         )
-        val_tasks = validation_tasks(held_out)
+        val_tasks = validation_tasks(held_out, s["validation_starts"])
         fw = s["final_weight"]
 
         def validate(weights_list: list[dict[str, Any]]) -> list[tuple[float, float]]:
@@ -601,7 +633,7 @@ class _Job:
             ]
 
         scratch = load_controller("scratch").to_json()
-        mean = initial_weights(self.features, self.hidden, s["seed"])
+        mean = initial_weights(self.features, self.hidden, s["seed"], s["start"])
         (scratch_val, scratch_ok), (start_val, start_ok) = validate(
             [scratch, self.controller(mean)]
         )
@@ -788,6 +820,25 @@ def add_meta_train_parser(sub: Any) -> argparse.ArgumentParser:
         help="weight of the final loss in a run's score (default: 0.25)",
     )
     p.add_argument(
+        "--start-decades",
+        default="-3.5,1.5",
+        help="range of the inner runs' start LRs, LOW,HIGH in decades from each problem's "
+        "best constant LR (default: -3.5,1.5); write --start-decades=-2.5,1.5",
+    )
+    p.add_argument(
+        "--validation-starts",
+        default=",".join(f"{d:g}" for d in VALIDATION_STARTS),
+        help="the held-out runs' starts, comma-separated decades (default: "
+        f"{','.join(f'{d:g}' for d in VALIDATION_STARTS)})",
+    )
+    p.add_argument(
+        "--start",
+        choices=STARTS,
+        default="prior",
+        help="where the ES mean starts: the greedy hypergradient's sign (prior) or a "
+        "constant LR (default: prior)",
+    )
+    p.add_argument(
         "--validate-every",
         type=int,
         default=5,
@@ -810,6 +861,16 @@ def add_meta_train_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _decades(name: str, text: str) -> list[float]:
+    """``"-2.5,1.5"`` as numbers; ``ValueError`` naming the option otherwise."""
+    try:
+        return [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(
+            f"{name} must be comma-separated numbers (decades), got {text!r}."
+        ) from None
+
+
 def meta_train_command(args: argparse.Namespace) -> int:
     """Run ``tune-alr meta-train`` from parsed arguments; 0 on success."""
     features = None
@@ -826,6 +887,9 @@ def meta_train_command(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         features=features,
         final_weight=args.final_weight,
+        start_decades=tuple(_decades("--start-decades", args.start_decades)),
+        validation_starts=_decades("--validation-starts", args.validation_starts),
+        start=args.start,
         validate_every=args.validate_every,
         seed=args.seed,
         max_minutes=args.max_minutes,
@@ -864,6 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "CHECKPOINTS",
+    "STARTS",
     "VALIDATION_STARTS",
     "MetaTrainResult",
     "Reference",
