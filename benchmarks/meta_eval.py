@@ -38,7 +38,9 @@ if str(ROOT) not in sys.path:
 ANCHORS = ("sf-adamw", "prodigy", "dadapt-adam")
 
 
-def arms(best_lr: float, starts: list[float]) -> list[Any]:
+def arms(best_lr: float, starts: list[float], controller: str | None = None) -> list[Any]:
+    """The policies' arms from every start; ``controller``: a candidate controller file,
+    scored beside the shipped one as ``meta-file``."""
     from tune_alr.experiment import Arm
 
     out: list[Any] = []
@@ -50,6 +52,8 @@ def arms(best_lr: float, starts: list[float]) -> list[Any]:
             Arm(f"meta-scratch{tag}", "meta", lr=lr, params={"controller": "scratch"}),
             Arm(f"feedback{tag}", "feedback", lr=lr),
         ]
+        if controller is not None:
+            out.append(Arm(f"meta-file{tag}", "meta", lr=lr, params={"controller": controller}))
     return out
 
 
@@ -61,6 +65,10 @@ def main() -> None:
     parser.add_argument("--starts", default="1,0.1,10", help="start LRs as factors of it")
     parser.add_argument("--data-dir", default=os.environ.get("TUNE_ALR_DATA_DIR"))
     parser.add_argument("--output", default="results/meta-eval")
+    parser.add_argument(
+        "--controller",
+        help="also score this controller file (tune-alr meta-train's output) as meta-file",
+    )
     parser.add_argument("--tracking-uri", default=None)
     args = parser.parse_args()
 
@@ -69,7 +77,11 @@ def main() -> None:
     spec = bench.Bench(
         tasks=[args.task],
         seeds=args.seeds,
-        policies=arms(args.best_lr, [float(f) for f in args.starts.split(",")]),
+        policies=arms(
+            args.best_lr,
+            [float(f) for f in args.starts.split(",")],
+            None if args.controller is None else str(Path(args.controller).resolve()),
+        ),
         anchors=ANCHORS,
         grid=(args.best_lr,),
         data_dir=args.data_dir,

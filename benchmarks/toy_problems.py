@@ -1,6 +1,6 @@
 """Do the adaptive policies fix a mis-set LR? Final loss against the best constant LR.
 
-    python benchmarks/toy_problems.py [--policies meta,meta-trained]
+    python benchmarks/toy_problems.py [--policies meta,meta-trained] [--controller FILE]
 
 For each toy problem: the best constant LR of an 8-value grid, then each policy started
 far too low (1e-5), 10x too low, 10x too high and 30x too high (near divergence), each
@@ -8,7 +8,8 @@ with the same SGD step budget. Prints final loss / best final loss (the goal for
 at most 1.15 from every start) and the last LR. ``meta`` is the default, plan 2's
 blank start (``controller="scratch"``: the meta policy as first released, step for
 step), ``meta-trained`` the shipped meta-trained controller, ``feedback`` has its
-protective start and ``feedback-nowarmup`` is it without (``warmup_steps=0``). The toy
+protective start and ``feedback-nowarmup`` is it without (``warmup_steps=0``);
+``--controller FILE`` adds ``meta-file``, a controller that ``tune-alr meta-train`` wrote. The toy
 problems are not in the meta-training distribution (``tune_alr.meta_problems``).
 """
 
@@ -39,8 +40,14 @@ def main() -> None:
         default=",".join(VARIANTS),
         help=f"comma-separated, among {', '.join(VARIANTS)}",
     )
+    parser.add_argument(
+        "--controller", help="also run this controller file (tune-alr meta-train's output)"
+    )
     args = parser.parse_args()
     chosen = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if args.controller is not None:
+        VARIANTS["meta-file"] = ("meta", {"controller": args.controller})
+        chosen.append("meta-file")
     unknown = [p for p in chosen if p not in VARIANTS]
     if unknown:
         parser.error(f"unknown {unknown}; accepted: {', '.join(VARIANTS)}")
