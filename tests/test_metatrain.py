@@ -63,6 +63,7 @@ def test_meta_train_end_to_end(ray_session: None, tmp_path: Path) -> None:
             "1",
             "--start",
             "constant",
+            "--learn-initial",
             "--start-decades=-2,1",
             "--validation-starts=-1,0",
             "--output",
@@ -86,7 +87,11 @@ def test_meta_train_end_to_end(ray_session: None, tmp_path: Path) -> None:
     assert provenance["settings"]["start"] == "constant"
     assert provenance["settings"]["start_decades"] == [-2.0, 1.0]
     assert provenance["settings"]["validation_starts"] == [-1.0, 0.0]
+    assert provenance["settings"]["learn_initial"] is True
+    assert provenance["settings"]["weights"] == controller_size(len(FEATURE_NAMES), 8) + 1
+    assert data["version"] == 2 and -3.0 <= data["initial_decades"] <= 1.0
     policy = build("meta", _optimizer(), controller=str(path))
+    assert policy.factor == pytest.approx(10 ** data["initial_decades"])  # the learned start
     assert policy.controller_features == tuple(FEATURE_NAMES)
     assert policy.weights.size == controller_size(len(FEATURE_NAMES), 8)
     assert (out / "history.csv").read_text().count("\n") == 3  # header + 2 generations
@@ -256,6 +261,49 @@ def test_a_file_loads_by_path_and_as_a_dict(tmp_path: Path) -> None:
         np.testing.assert_array_equal(policy.weights, weights)  # floats round-trip exactly
         assert policy.controller_features == ("cos", "cos_ema", "progress")
         assert policy.controller_index == [4, 3, 7]
+
+
+def test_a_learned_start_sets_the_first_lr_and_version_1_files_start_where_given(
+    tmp_path: Path,
+) -> None:
+    weights = np.zeros(controller_size(3, 2))
+    spec = controller_spec(("cos", "cos_ema", "progress"), weights, hidden=2, initial_decades=-1)
+    data = spec.to_json()
+    assert data["version"] == 2 and data["initial_decades"] == -1.0
+    optimizer = _optimizer(lr=0.3)
+    policy = build("meta", optimizer, controller=data)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.03)  # 10**-1 x the LR given
+    # and it round-trips through a resume
+    again = build("meta", _optimizer(lr=0.3), controller=data)
+    again.load_state_dict(policy.state_dict())
+    assert again.factor == pytest.approx(0.1)
+    # a version 1 file (as shipped before) has no learned start
+    old = {k: v for k, v in data.items() if k != "initial_decades"} | {"version": 1}
+    optimizer = _optimizer(lr=0.3)
+    build("meta", optimizer, controller=old)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"initial_decades": "low"}, "'initial_decades' must be a number from -6 to 6"),
+        ({"initial_decades": 9.0}, "got 9.0"),
+        ({"initial_decades": True}, "got True"),
+        ({"version": 1}, "'initial_decades' came with version 2"),
+        ({"version": 3}, "version 3; expected 'tune-alr meta controller', version 1 or 2"),
+    ],
+)
+def test_bad_learned_starts_are_refused_by_name(changes: dict, fragment: str) -> None:
+    data = controller_spec(FEATURE_NAMES, np.zeros(controller_size(8, 2)), hidden=2).to_json()
+    data.update(changes)
+    with pytest.raises(ValueError) as err:
+        build("meta", _optimizer(), controller=data)
+    assert fragment in str(err.value)
+    del data["initial_decades"]
+    data["version"] = 2
+    with pytest.raises(ValueError, match="a version 2 file needs 'initial_decades'"):
+        build("meta", _optimizer(), controller=data)
 
 
 def _write(tmp_path: Path, **changes: object) -> str:

@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # the heavy imports (torch, numpy) wait until a job runs
     import numpy as np
 
     from .meta_problems import ProblemSpec
+    from .policies.meta import ControllerSpec
 
 #: The validation runs' starts, in decades from each held-out problem's best constant LR.
 VALIDATION_STARTS = (-3.0, -1.0, 1.0)
@@ -269,6 +270,11 @@ class Adam:
 
 #: Where the ES mean starts (:func:`initial_weights`).
 STARTS = ("prior", "constant")
+#: With ``learn_initial``, the ES coordinate of the controller's learned start is this
+#: many decades per unit (so that ``sigma`` perturbs it by ``2 * sigma`` decades), and the
+#: start is kept within :data:`INITIAL_RANGE` decades of the LR given.
+INITIAL_GAIN = 2.0
+INITIAL_RANGE = (-3.0, 1.0)
 
 
 def initial_weights(
@@ -437,6 +443,7 @@ def meta_train(
     start_decades: Sequence[float] = (-3.5, 1.5),
     validation_starts: Sequence[float] = VALIDATION_STARTS,
     start: str = "prior",
+    learn_initial: bool = False,
     no_total_share: float = 0.2,
     validate_every: int = 5,
     seed: int = 0,
@@ -468,6 +475,8 @@ def meta_train(
             problem's best constant LR.
         start: where the ES mean starts: ``"prior"`` (the greedy hypergradient's sign)
             or ``"constant"`` (a constant LR); see :func:`initial_weights`.
+        learn_initial: also learn where the LR starts (the controller file's
+            ``initial_decades``, from 0: the LR given), within :data:`INITIAL_RANGE`.
         no_total_share: the share of runs whose policy is not told the run's length.
         validate_every: generations between scores on the held-out runs (the last
             generation is always scored).
@@ -506,6 +515,7 @@ def meta_train(
         start=start,
         validation_starts=validation_starts,
     )
+    _check("learn_initial", learn_initial, isinstance(learn_initial, bool), "True or False")
     _check(
         "no_total_share",
         no_total_share,
@@ -537,11 +547,12 @@ def meta_train(
         "no_total_share": no_total_share,
         "validate_every": validate_every,
         "seed": seed,
-        "weights": controller_size(len(features), hidden),
+        "weights": controller_size(len(features), hidden) + int(learn_initial),
         "checkpoints": CHECKPOINTS,
         "validation_starts": [float(d) for d in validation_starts],
         "max_minutes": max_minutes,
         "start": start,
+        "learn_initial": learn_initial,
     }
     from .runner import parent_run, ray_session
 
@@ -595,11 +606,25 @@ class _Job:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
         self.client.log_batch(self.handle.parent_run_id, metrics=batch)
 
-    def controller(self, weights: np.ndarray) -> dict[str, Any]:
+    def spec(
+        self, vector: np.ndarray, provenance: Mapping[str, Any] | None = None
+    ) -> ControllerSpec:
+        """The controller of an ES vector: its weights, then (``learn_initial``) one
+        coordinate of its start, :data:`INITIAL_GAIN` decades a unit."""
         from .policies.meta import controller_spec
 
-        spec = controller_spec(self.features, weights, hidden=self.hidden)
-        return spec.to_json()
+        initial = 0.0
+        if self.s["learn_initial"]:
+            vector, last = vector[:-1], float(vector[-1])
+            initial = min(INITIAL_RANGE[1], max(INITIAL_RANGE[0], INITIAL_GAIN * last))
+        return controller_spec(
+            self.features, vector, hidden=self.hidden, provenance=provenance,
+            initial_decades=initial,
+        )  # fmt: skip
+
+    def controller(self, vector: np.ndarray) -> dict[str, Any]:
+        """The controller file's contents for an ES vector."""
+        return self.spec(vector).to_json()
 
     def run(self, runner: Runner) -> MetaTrainResult:
         import numpy as np
@@ -634,6 +659,8 @@ class _Job:
 
         scratch = load_controller("scratch").to_json()
         mean = initial_weights(self.features, self.hidden, s["seed"], s["start"])
+        if s["learn_initial"]:
+            mean = np.append(mean, 0.0)  # the learned start begins at the LR given
         (scratch_val, scratch_ok), (start_val, start_ok) = validate(
             [scratch, self.controller(mean)]
         )
@@ -740,7 +767,6 @@ class _Job:
 
     def write(self, best: tuple[float, int, np.ndarray], scratch_val: float, wall: float) -> None:
         from .meta_problems import DISTRIBUTION_VERSION, FAMILIES, OPTIMIZERS, STEPS
-        from .policies.meta import controller_spec
         from .provenance import provenance
 
         val, gen, weights = best
@@ -765,7 +791,7 @@ class _Job:
             "wall_s": round(wall, 1),
             "mlflow_run_id": self.handle.parent_run_id,
         }
-        data = controller_spec(self.features, weights, hidden=self.hidden).to_json(record)
+        data = self.spec(weights).to_json(record)
         tmp = self.controller_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         tmp.replace(self.controller_path)
@@ -839,6 +865,12 @@ def add_meta_train_parser(sub: Any) -> argparse.ArgumentParser:
         "constant LR (default: prior)",
     )
     p.add_argument(
+        "--learn-initial",
+        action="store_true",
+        help="also learn where the LR starts, in decades from the LR given (a learned "
+        "warm-up; written to the controller file as initial_decades)",
+    )
+    p.add_argument(
         "--validate-every",
         type=int,
         default=5,
@@ -890,6 +922,7 @@ def meta_train_command(args: argparse.Namespace) -> int:
         start_decades=tuple(_decades("--start-decades", args.start_decades)),
         validation_starts=_decades("--validation-starts", args.validation_starts),
         start=args.start,
+        learn_initial=args.learn_initial,
         validate_every=args.validate_every,
         seed=args.seed,
         max_minutes=args.max_minutes,
@@ -928,6 +961,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "CHECKPOINTS",
+    "INITIAL_GAIN",
+    "INITIAL_RANGE",
     "STARTS",
     "VALIDATION_STARTS",
     "MetaTrainResult",

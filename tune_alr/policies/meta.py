@@ -34,11 +34,18 @@ Where the controller starts (``controller``):
 * a path to a controller file that ``tune-alr meta-train`` wrote, or such a file's
   contents as a dict.
 
+A controller file (version 2) may also carry a learned start, ``initial_decades``: the
+first step's LR is ``10**initial_decades`` times the LR given (``tune-alr meta-train
+--learn-initial`` learns it with the weights: a start below the given LR is a learned
+warm-up, which the controller then climbs from). Version 1 files, and ``"scratch"``,
+start at the LR given.
+
 The features (:data:`FEATURE_NAMES`; each clipped to the range given, a controller file
 names those it reads). ``g_t`` is the gradient after step ``t``, ``u_{t-1}`` the update
 that led to it, EMAs per step:
 
-* ``log_lr_decades``: ``log10(lr / initial lr)``, the LR relative to its start;
+* ``log_lr_decades``: ``log10(lr / initial lr)``, the LR relative to the one given
+  (``initial_decades`` at the first step);
 * ``loss_trend``: the fast (0.9) against the slow (0.99) EMA of the loss,
   ``(fast - slow) / |slow|``, in [-1, 1]: negative while the loss falls;
 * ``grad_norm_ratio``: ``log(|g_t| / EMA|g|) / 3``, in [-1, 1]: a burst of gradient norm;
@@ -108,9 +115,14 @@ PLAN2_FEATURES = FEATURE_NAMES[:5]
 MAX_HIDDEN = 4096
 #: The scratch controller's default width (plan 2's: 5 x 12 + 12 + 12 + 1 = 85 weights).
 SCRATCH_HIDDEN = 12
-#: What a controller file says it is, and the layout version this module reads.
+#: What a controller file says it is, and the layout version this module writes.
 FILE_FORMAT = "tune-alr meta controller"
-FILE_VERSION = 1
+FILE_VERSION = 2
+#: The layout versions this module reads: 1 (no ``initial_decades``: the LR starts where
+#: it is given) and 2 (with it).
+READ_VERSIONS = (1, 2)
+#: The largest learned start offset accepted, in decades either way.
+MAX_INITIAL_DECADES = 6.0
 #: The shipped meta-trained controller, in ``tune_alr/policies/controllers/``.
 META_TRAINED_FILE = "meta-trained.json"
 _DECADE = math.log(10.0)
@@ -242,6 +254,9 @@ class ControllerSpec:
     weights: np.ndarray
     source: str
     provenance: Mapping[str, Any]
+    #: Where the LR starts, in decades from the LR the user gave (0: there). A learned
+    #: start: ``tune-alr meta-train --learn-initial`` meta-trains it with the weights.
+    initial_decades: float = 0.0
 
     def to_json(self, provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The controller file's contents (``json.dump`` writes it; floats round-trip)."""
@@ -251,6 +266,7 @@ class ControllerSpec:
             "version": FILE_VERSION,
             "features": list(self.features),
             "hidden": self.hidden,
+            "initial_decades": float(self.initial_decades),
             "weights": {k: v.tolist() for k, v in net.items()},
             "provenance": dict(self.provenance if provenance is None else provenance),
         }
@@ -263,9 +279,20 @@ def controller_spec(
     hidden: int,
     source: str = "given",
     provenance: Mapping[str, Any] | None = None,
+    initial_decades: Any = 0.0,
 ) -> ControllerSpec:
     """A checked :class:`ControllerSpec` from flat ``weights`` (``ValueError`` if bad)."""
     feats = _check_features(tuple(features), source)
+    if (
+        isinstance(initial_decades, bool)
+        or not isinstance(initial_decades, (int, float))
+        or not abs(initial_decades) <= MAX_INITIAL_DECADES
+    ):
+        raise ValueError(
+            f"controller {source}: 'initial_decades' must be a number from "
+            f"-{MAX_INITIAL_DECADES:g} to {MAX_INITIAL_DECADES:g} (decades from the given "
+            f"LR), got {initial_decades!r}."
+        )
     flat = np.array(weights, dtype=np.float64).reshape(-1)
     if flat.size != controller_size(len(feats), hidden):
         raise ValueError(
@@ -274,7 +301,9 @@ def controller_spec(
         )
     if not np.all(np.isfinite(flat)):
         raise ValueError(f"controller {source}: its weights must all be finite numbers.")
-    return ControllerSpec(feats, hidden, flat, source, dict(provenance or {}))
+    return ControllerSpec(
+        feats, hidden, flat, source, dict(provenance or {}), float(initial_decades)
+    )
 
 
 def _check_features(features: tuple[str, ...], source: str) -> tuple[str, ...]:
@@ -296,12 +325,20 @@ def parse_controller(data: Any, source: str = "given") -> ControllerSpec:
     """A controller file's contents (``json.load``'s dict) as a checked spec."""
     if not isinstance(data, Mapping):
         raise ValueError(f"controller {source}: expected a JSON object, got {type(data).__name__}.")
-    if data.get("format") != FILE_FORMAT or data.get("version") != FILE_VERSION:
+    version = data.get("version")
+    if data.get("format") != FILE_FORMAT or version not in READ_VERSIONS:
         raise ValueError(
-            f"controller {source} is not a tune-alr meta controller file (format "
-            f"{data.get('format')!r}, version {data.get('version')!r}; expected "
-            f"{FILE_FORMAT!r}, version {FILE_VERSION})."
+            f"controller {source} is not a tune-alr meta controller file this version reads "
+            f"(format {data.get('format')!r}, version {version!r}; expected "
+            f"{FILE_FORMAT!r}, version {' or '.join(map(str, READ_VERSIONS))})."
         )
+    if version == 1 and "initial_decades" in data:
+        raise ValueError(
+            f"controller {source}: 'initial_decades' came with version 2 of the file; a "
+            "version 1 file has none (its LR starts where it is given)."
+        )
+    if version >= 2 and "initial_decades" not in data:
+        raise ValueError(f"controller {source}: a version {version} file needs 'initial_decades'.")
     features = data.get("features")
     hidden = data.get("hidden")
     weights = data.get("weights")
@@ -327,8 +364,9 @@ def parse_controller(data: Any, source: str = "given") -> ControllerSpec:
             )
     provenance = data.get("provenance") or {}
     return controller_spec(
-        tuple(features), pack(weights), hidden=hidden, source=source, provenance=provenance
-    )
+        tuple(features), pack(weights), hidden=hidden, source=source, provenance=provenance,
+        initial_decades=data.get("initial_decades", 0.0),
+    )  # fmt: skip
 
 
 def read_controller(path: str | os.PathLike[str]) -> ControllerSpec:
@@ -550,6 +588,8 @@ class Meta(Policy):
         self.controller_features = spec.features
         self.controller_index = [FEATURE_NAMES.index(f) for f in spec.features]
         self.hidden = spec.hidden
+        # The controller's learned start (a version-2 file's initial_decades; 1 otherwise).
+        self.initial_factor = 10.0**spec.initial_decades
         self.weights = spec.weights.copy()
         self.adam_m = np.zeros_like(self.weights)
         self.adam_v = np.zeros_like(self.weights)
@@ -667,7 +707,7 @@ class Meta(Policy):
 
     def _next_factor(self, loss: float | None) -> float:
         if self.last_epoch == 0:
-            return self.factor
+            return self._clamp(self.initial_factor)
         seen = observe_step(self.optimizer, self.previous, self.update)
         if not math.isfinite(seen.dot):
             return self._trip()
