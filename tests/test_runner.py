@@ -61,3 +61,53 @@ def test_a_close_failure_after_success_only_warns_and_hides_the_password(
         runner.close_parent(handle, "FINISHED", [])
     message = str(caught[0].message)
     assert "refused" in message and "s3cret" not in message and "***" in message
+
+
+class _Counting:
+    """A real MlflowClient whose writes are counted (every call still reaches the store)."""
+
+    def __init__(self, client: object) -> None:
+        self.client = client
+        self.writes: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self.client, name)
+        if name in ("log_batch", "set_tag", "log_param", "log_metric"):
+            self.writes.append(name)
+        return method
+
+
+def test_a_report_is_one_store_write_and_tags_are_written_when_they_change(
+    tmp_path: Path,
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    handle = tracking.prepare(uri, experiment="e", run_name="parent", tags={})
+    logger = tracking.TrialLogger(handle)
+    counting = _Counting(logger._client)
+    logger._client = counting
+    logger.start("t1", {"task": "digits", "policy": "constant", "seed": 0})
+    first = {"step": 10, "status": "running", "val_loss": 0.5, "val_acc": 0.8, "lr": 0.1,
+             "total_steps": 30, "caps/threads": 1, "node_ip": "127.0.0.1"}  # fmt: skip
+    counting.writes.clear()
+    logger.result("t1", first)
+    logger.result("t1", {"step": 20, "status": "running", "val_loss": 0.4, "val_acc": 0.9})
+    logger.result("t1", {"step": 20, "status": "running", "val_loss": 0.4, "val_acc": 0.9})
+    assert counting.writes == ["log_batch", "log_batch"]  # the repeated report writes nothing
+    logger.result("t1", {"step": 30, "status": "finished", "val_loss": 0.3, "val_acc": 0.95})
+    run = tracking._client(uri).get_run(logger._trials["t1"].run_id)
+    assert run.data.tags["tune_alr.status"] == "finished"
+    assert run.data.tags["tune_alr.node_ip"] == "127.0.0.1"
+    assert run.data.tags["tune_alr.caps.threads"] == "1"
+    assert run.data.params["total_steps"] == "30"
+    history = tracking._client(uri).get_metric_history(run.info.run_id, "val_acc")
+    assert [(m.step, m.value) for m in history] == [(10, 0.8), (20, 0.9), (30, 0.95)]
+    # Stopped, then reopened (a restart): its first report says "running" again.
+    logger.stop("t1", "stopped early by the asha scheduler")
+    assert tracking._client(uri).get_run(run.info.run_id).data.tags["tune_alr.status"] == (
+        "stopped"
+    )
+    logger.start("t1", {"task": "digits", "policy": "constant", "seed": 0})
+    logger.result("t1", {"step": 40, "status": "running", "val_loss": 0.2, "val_acc": 0.96})
+    assert tracking._client(uri).get_run(run.info.run_id).data.tags["tune_alr.status"] == (
+        "running"
+    )

@@ -389,6 +389,8 @@ class _TrialLog:
     epochs: list[float] = field(default_factory=list)  # the epoch of each curve point
     last_step: int = 0
     constants_logged: bool = False
+    #: The tags as last written to the run: a report writes only the ones that changed.
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 class TrialLogger:
@@ -435,18 +437,43 @@ class TrialLogger:
             self._client.log_batch(run.info.run_id, params=params[i : i + 100])
         self._trials[trial_id] = _TrialLog(run.info.run_id)
 
+    def _set_tag(self, state: _TrialLog, key: str, value: str) -> None:
+        self._client.set_tag(state.run_id, key, value)
+        state.tags[key] = value
+
+    def _write(
+        self, state: _TrialLog, tags: Mapping[str, str], metrics: list[Any], params: list[Any]
+    ) -> None:
+        """One ``log_batch`` per report (one store transaction): the tags that changed,
+        the params and the metrics (in chunks MLflow accepts, tags and params first)."""
+        from mlflow.entities import RunTag
+
+        changed = [RunTag(k, v) for k, v in tags.items() if state.tags.get(k) != v]
+        if not (changed or metrics or params):
+            return
+        self._client.log_batch(state.run_id, metrics=metrics[:_BATCH], params=params, tags=changed)
+        for i in range(_BATCH, len(metrics), _BATCH):
+            self._client.log_batch(state.run_id, metrics=metrics[i : i + _BATCH])
+        state.tags.update({t.key: t.value for t in changed})
+
     def result(self, trial_id: str, result: Mapping[str, Any]) -> None:
-        """Log one report: its scalar metrics at its step, and ``lr`` at every step."""
-        from mlflow.entities import Metric
+        """Log one report: its scalar metrics at its step, and ``lr`` at every step.
+
+        A report is one write to the store: tags are written when their value changes
+        (``tune_alr.status`` says "running" once, not at every report).
+        """
+        from mlflow.entities import Metric, Param
 
         state = self._trials[trial_id]
-        # Tags first: a trial that fails mid-run reports its status without a step.
+        # A trial that fails mid-run reports its status (a tag) without a step.
+        tags: dict[str, str] = {}
         if "status" in result:
-            self._client.set_tag(state.run_id, STATUS_TAG, str(result["status"]))
+            tags[STATUS_TAG] = str(result["status"])
         for key, tag in _TAGS.items():
             if key in result:
-                self._client.set_tag(state.run_id, tag, str(result[key])[:5000])
+                tags[tag] = str(result[key])[:5000]
         if "step" not in result:
+            self._write(state, tags, [], [])
             return
         step = int(result["step"])
         if step <= state.last_step and state.last_step > 0:
@@ -455,6 +482,7 @@ class TrialLogger:
             if "val_loss" in result and step not in {s for s, _, _ in state.curve}:
                 state.curve.append((step, float(result["val_loss"]), float(result["val_acc"])))
                 state.epochs.append(float(result.get("epoch", math.nan)))
+            self._write(state, tags, [], [])
             return
         now = int(time.time() * 1000)
         metrics = [
@@ -466,13 +494,13 @@ class TrialLogger:
             and not isinstance(value, bool)
             and math.isfinite(value)
         ]
-        constants = {k: v for k, v in result.items() if k.startswith("caps/")}
-        if constants:  # once per start of the trial's process: what it ran under
-            for key, value in constants.items():
-                self._client.set_tag(state.run_id, f"tune_alr.{key.replace('/', '.')}", value)
+        # caps/*: once per start of the trial's process, what it ran under
+        for key, value in result.items():
+            if key.startswith("caps/"):
+                tags[f"tune_alr.{key.replace('/', '.')}"] = str(value)
+        params = []
         if "total_steps" in result and not state.constants_logged:
-            self._client.log_param(state.run_id, "total_steps", int(result["total_steps"]))
-            state.constants_logged = True
+            params.append(Param("total_steps", str(int(result["total_steps"]))))
         start = int(result.get("lr_trace_start", step + 1))
         for offset, lr in enumerate(result.get("lr_trace") or ()):
             lr_step = start + offset
@@ -480,8 +508,8 @@ class TrialLogger:
                 metrics.append(Metric("lr", float(lr), now, lr_step))
                 state.lr_steps.append(lr_step)
                 state.lr_values.append(float(lr))
-        for i in range(0, len(metrics), _BATCH):
-            self._client.log_batch(state.run_id, metrics=metrics[i : i + _BATCH])
+        self._write(state, tags, metrics, params)
+        state.constants_logged = state.constants_logged or bool(params)
         if "val_loss" in result:
             state.curve.append((step, float(result["val_loss"]), float(result["val_acc"])))
             state.epochs.append(float(result.get("epoch", math.nan)))
@@ -497,9 +525,9 @@ class TrialLogger:
         state = self._trials.get(trial_id)
         if state is None:
             return
-        self._client.set_tag(state.run_id, STOP_TAG, reason[:5000])
+        self._set_tag(state, STOP_TAG, reason[:5000])
         self.finish(trial_id, "KILLED")
-        self._client.set_tag(state.run_id, STATUS_TAG, "stopped")
+        self._set_tag(state, STATUS_TAG, "stopped")
 
     def finish(self, trial_id: str, status: str, error: str | None = None) -> None:
         """Attach the LR and validation curves and end the run (FINISHED or FAILED).
@@ -511,9 +539,9 @@ class TrialLogger:
         if state is None:
             return
         if error:
-            self._client.set_tag(state.run_id, ERROR_TAG, credentials.scrub(error)[-5000:])
+            self._set_tag(state, ERROR_TAG, credentials.scrub(error)[-5000:])
         if status == "FAILED":
-            self._client.set_tag(state.run_id, STATUS_TAG, "failed")
+            self._set_tag(state, STATUS_TAG, "failed")
         from .report import epochs_to_stable, plot_trial_curves
 
         if state.curve:
