@@ -28,7 +28,7 @@ from typing import Any
 from . import credentials, storage, tracking
 from .experiment import Experiment
 from .results import Results, collect, summary_files, trial_folders
-from .tuner import build_tuner, quiet_ray_output, tuner_space
+from .tuner import build_tuner, quiet_ray_output, tuner_space, without_tensorboard
 
 #: The address a Ray started here binds to: this machine only.
 LOOPBACK = "127.0.0.1"
@@ -200,7 +200,11 @@ def check_fits(
 
 def _fit(exp: Experiment, tuner: Any, parent: Parent) -> Results:
     """Run ``tuner`` (the driver's system metrics logged meanwhile), collect its trials."""
-    with tracking.system_metrics(parent.handle), quiet_ray_output(exp.verbose):
+    with (
+        tracking.system_metrics(parent.handle),
+        quiet_ray_output(exp.verbose),
+        without_tensorboard(),
+    ):
         grid = tuner.fit()
     results = collect(
         exp,

@@ -47,6 +47,7 @@ from .tuner import (
     run_callbacks,
     trial_dirname,
     trial_name,
+    without_tensorboard,
 )
 
 
@@ -186,7 +187,7 @@ def _run(search: Search, method: str, space: dict[str, Any], tune_config: Any) -
                 verbose=ray_verbosity(search.verbose),
             ),
         )
-        with quiet_ray_output(search.verbose):
+        with quiet_ray_output(search.verbose), without_tensorboard():
             grid = tuner.fit()
         experiment_dir = storage / search.run_name(method)
         records = report.load_trials(experiment_dir, trial_folders(grid))
