@@ -3,6 +3,8 @@ failure never hides the job's own error."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,67 @@ def test_a_report_is_one_store_write_and_tags_are_written_when_they_change(
     assert tracking._client(uri).get_run(run.info.run_id).data.tags["tune_alr.status"] == (
         "running"
     )
+
+
+class _FakeRay:
+    """Stands in for ``ray_session`` (the orchestration is under test, not Ray)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.entered, self.exited = fail, False, False
+
+    @contextlib.contextmanager
+    def __call__(self, address: object, node_resource: object) -> Iterator[bool]:
+        if self.fail:
+            raise RuntimeError("Ray did not start")
+        self.entered = True
+        try:
+            yield True
+        finally:
+            self.exited = True
+
+
+def _both(uri: str) -> contextlib.AbstractContextManager[tuple[runner.Parent, bool]]:
+    return runner.parent_and_ray(
+        uri, experiment="e", run_name="r", tags={}, output=None, address=None,
+        node_resource=None,
+    )  # fmt: skip
+
+
+def test_the_store_is_prepared_while_ray_starts_and_closed_before_ray_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"  # a new store: migrations to run
+    fake = _FakeRay()
+    monkeypatch.setattr(runner, "ray_session", fake)
+    with _both(uri) as (parent, started):
+        assert started and fake.entered and not fake.exited
+        run_id = parent.handle.parent_run_id
+        assert _status(uri, run_id) == "RUNNING"
+    assert fake.exited and _status(uri, run_id) == "FINISHED"
+
+
+def test_a_ray_that_fails_to_start_leaves_no_running_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setattr(runner, "ray_session", _FakeRay(fail=True))
+    with pytest.raises(RuntimeError, match="Ray did not start"), _both(uri):
+        pass
+    runs = tracking._client(uri).search_runs(
+        [tracking._client(uri).get_experiment_by_name("e").experiment_id]
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_a_store_that_fails_after_its_check_stops_the_ray_started_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object) -> tracking.Handle:
+        raise ValueError("the tracking store sqlite:///x cannot be used: OperationalError")
+
+    fake = _FakeRay()
+    monkeypatch.setattr(runner, "ray_session", fake)
+    monkeypatch.setattr(tracking, "_create", broken)
+    with pytest.raises(ValueError, match="cannot be used"), _both("sqlite:///x.db"):
+        raise AssertionError("the block must not run")
+    assert fake.entered and fake.exited

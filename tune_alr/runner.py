@@ -13,10 +13,14 @@ through the same two context managers:
   any trial starts, and always closes it with the status the run earned: ``FINISHED``,
   or ``FAILED`` when the run raised or every trial failed. A failure to close it is a
   warning, so a tracking error never hides a training error.
+
+:func:`parent_and_ray` enters both, the store's preparation in a thread while Ray
+starts (``run`` and ``bench`` use it).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import warnings
@@ -147,8 +151,11 @@ def parent_run(
     tags: Mapping[str, str],
     reopen: tracking.Handle | None = None,
     output: Path | None = None,
+    prepared: concurrent.futures.Future[tracking.Handle] | None = None,
 ) -> Iterator[Parent]:
-    """Create (or ``reopen``) the MLflow parent run; close it however the block ends.
+    """Create (or ``reopen``, or take the ``prepared`` one of
+    :func:`tracking.prepare_in_background`) the MLflow parent run; close it however the
+    block ends.
 
     The status is ``FAILED`` when the block raises, else ``parent.status`` (which the
     block may set). The summary files of ``output`` (when given) are attached on close.
@@ -156,6 +163,8 @@ def parent_run(
     if reopen is not None:
         tracking.reopen_parent(reopen)
         handle = reopen
+    elif prepared is not None:
+        handle = prepared.result()  # its ValueError, if the store failed
     else:
         handle = tracking.prepare(uri, experiment=experiment, run_name=run_name, tags=tags)
     parent = Parent(handle, output=output)
@@ -167,6 +176,54 @@ def parent_run(
     finally:
         files = parent.files or (summary_files(output) if output is not None else [])
         close_parent(handle, parent.status, files)
+
+
+@contextlib.contextmanager
+def parent_and_ray(
+    uri: str,
+    *,
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    output: Path | None,
+    address: str | None,
+    node_resource: str | None,
+) -> Iterator[tuple[Parent, bool]]:
+    """:func:`parent_run` and :func:`ray_session` with their start-ups side by side;
+    yields the parent and whether Ray was started here.
+
+    A new sqlite store costs MLflow's schema migrations and Ray's start-up waits on its
+    processes: seconds each on one core (py-spy and cProfile of a two-trial bench: about
+    as long as each other), so the store is prepared in a thread while Ray starts. The
+    store was checked before Ray starts (``Experiment.validate``: a URI, a server that
+    does not answer, a file that is not a database); what can still fail in the store
+    raises the same ``ValueError`` here, after Ray has started, which is then shut down.
+    If Ray fails to start, a parent run already created is ended ``FAILED``. The parent
+    is closed before Ray shuts down.
+    """
+    pending = tracking.prepare_in_background(
+        uri, experiment=experiment, run_name=run_name, tags=tags
+    )
+    with contextlib.ExitStack() as stack:
+        try:
+            started = stack.enter_context(ray_session(address, node_resource))
+        except BaseException:
+            _abandon(pending)
+            raise
+        parent = stack.enter_context(parent_run(
+            uri, experiment=experiment, run_name=run_name, tags=tags, output=output,
+            prepared=pending,
+        ))  # fmt: skip
+        yield parent, started
+
+
+def _abandon(pending: concurrent.futures.Future[tracking.Handle]) -> None:
+    """End ``FAILED`` the parent run a failed start leaves behind (if it was created)."""
+    try:
+        handle = pending.result()
+    except Exception:  # the store failed too: the start's own error is the one to show
+        return
+    close_parent(handle, "FAILED", [])
 
 
 def check_fits(
@@ -250,11 +307,10 @@ def _run(exp: Experiment) -> Results:
     resources = exp.ray_resources()
     with (
         storage.exclusive(exp),
-        parent_run(
+        parent_and_ray(
             exp.uri, experiment=exp.name, run_name=exp.name, tags=_tags(exp),
-            output=exp.output_dir,
-        ) as parent,
-        ray_session(exp.address, exp.node_type_resource) as started,
+            output=exp.output_dir, address=exp.address, node_resource=exp.node_type_resource,
+        ) as (parent, started),
     ):  # fmt: skip
         check_fits(resources, ray.cluster_resources(), strict=started and not exp.address)
         # The experiment's settings on its parent run (as the user gave them; each
@@ -339,6 +395,7 @@ __all__ = [
     "Parent",
     "check_fits",
     "close_parent",
+    "parent_and_ray",
     "parent_run",
     "ray_session",
     "read_spec",

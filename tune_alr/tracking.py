@@ -21,6 +21,7 @@ set), so that an outage stalls the driver seconds, not minutes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -161,12 +162,39 @@ def prepare(uri: str, experiment: str, run_name: str, tags: Mapping[str, str]) -
     cannot be reached or used (a corrupt database, a server that is down) raises
     ``ValueError`` naming it, in seconds.
     """
+    return _create(uri, _process_settings(uri), experiment, run_name, tags)
+
+
+def prepare_in_background(
+    uri: str, experiment: str, run_name: str, tags: Mapping[str, str]
+) -> concurrent.futures.Future[Handle]:
+    """:func:`prepare` in a thread of its own (its result, or its ``ValueError``, from the
+    future): creating a new sqlite store runs MLflow's schema migrations, seconds of one
+    core that the driver can spend starting Ray meanwhile. What touches this process's
+    environment (credentials, MLflow's HTTP settings) is done here, in the caller's
+    thread, before the thread starts."""
+    public = _process_settings(uri)
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tune-alr-mlflow")
+    try:
+        return pool.submit(_create, uri, public, experiment, run_name, tags)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _process_settings(uri: str) -> str:
+    """Check ``uri``, register its credentials and MLflow's HTTP settings; its public form."""
     check_tracking_uri(uri)
     public = credentials.register(uri)
     # MLflow's defaults (7 retries, 120 s timeout) would stall the driver for minutes
     # on an outage; the user's own settings win.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    return public
+
+
+def _create(
+    uri: str, public: str, experiment: str, run_name: str, tags: Mapping[str, str]
+) -> Handle:
     _check_reachable(public)
     db = sqlite_path(uri)
     if db is not None:
