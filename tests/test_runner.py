@@ -177,3 +177,24 @@ def test_a_store_that_fails_after_its_check_stops_the_ray_started_beside_it(
     with pytest.raises(ValueError, match="cannot be used"), _both("sqlite:///x.db"):
         raise AssertionError("the block must not run")
     assert fake.entered and fake.exited
+
+
+def test_a_new_store_inside_the_runs_locked_output_folder_is_created(tmp_path: Path) -> None:
+    """``storage.exclusive`` holds the output folder locked; the store's creation lock
+    must not wait on it (it did: a bench with ``--output D --tracking-uri sqlite:///D/...``
+    hung before its first trial)."""
+    import fcntl
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)  # as storage.exclusive holds it
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        future = tracking.prepare_in_background(
+            f"sqlite:///{out / 'mlflow.db'}", experiment="e", run_name="r", tags={}
+        )
+        handle = future.result(timeout=120)
+    finally:
+        os.close(held)
+    assert _status(f"sqlite:///{out / 'mlflow.db'}", handle.parent_run_id) == "RUNNING"

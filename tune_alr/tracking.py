@@ -203,8 +203,8 @@ def _create(
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         # Two drivers creating one new sqlite store at once collide in MLflow's schema
-        # set-up: they take turns here (the lock is the folder's, no file is left).
-        with _folder_lock(db.parent if db is not None else None):
+        # set-up: they take turns here (the lock is the store file's own).
+        with _store_lock(db):
             client = _client(public)
             found = client.get_experiment_by_name(experiment)
             if found is None:
@@ -309,14 +309,19 @@ def _check_reachable(uri: str, timeout: float = 3.0) -> None:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path | None) -> Iterator[None]:
-    """An exclusive lock on ``folder`` for the block (none when ``folder`` is None)."""
-    if folder is None:
+def _store_lock(db: Path | None) -> Iterator[None]:
+    """An exclusive lock on the sqlite file ``db`` for the block (none when ``db`` is None).
+
+    The file itself is locked (created empty if new: sqlite takes an empty file as a new
+    database), not its folder: the folder may be a run's output folder, which
+    ``storage.exclusive`` holds locked for the whole run.
+    """
+    if db is None:
         yield
         return
     import fcntl
 
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(db, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
