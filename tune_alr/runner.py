@@ -32,7 +32,13 @@ from typing import Any
 from . import credentials, storage, tracking
 from .experiment import Experiment
 from .results import Results, collect, summary_files, trial_folders
-from .tuner import build_tuner, quiet_ray_output, tuner_space, without_tensorboard
+from .tuner import (
+    build_tuner,
+    environment_variable,
+    quiet_ray_output,
+    tuner_space,
+    without_tensorboard,
+)
 
 #: The address a Ray started here binds to: this machine only.
 LOOPBACK = "127.0.0.1"
@@ -56,18 +62,13 @@ def _loopback_only() -> Iterator[None]:
     """
     from ray._private import ray_constants
 
-    saved_env = os.environ.get(_CLUSTER_SWITCH)
     saved_constant = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    os.environ[_CLUSTER_SWITCH] = "0"
     if saved_constant is not None:
         ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        yield
+        with environment_variable(_CLUSTER_SWITCH, "0"):
+            yield
     finally:
-        if saved_env is None:
-            os.environ.pop(_CLUSTER_SWITCH, None)
-        else:
-            os.environ[_CLUSTER_SWITCH] = saved_env
         if saved_constant is not None:
             ray_constants.ENABLE_RAY_CLUSTER = saved_constant
 

@@ -130,6 +130,21 @@ def tuner_space(exp: Experiment, cells: Sequence[Cell]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
+def environment_variable(key: str, value: str) -> Iterator[None]:
+    """``os.environ[key] = value`` for the block; the user's own value (or its absence)
+    restored after."""
+    saved = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+
+
+@contextlib.contextmanager
 def quiet_ray_output(verbose: int) -> Iterator[None]:
     """During ``Tuner.fit``: Ray Tune's output engine off unless ``verbose >= 2``.
 
@@ -146,8 +161,6 @@ def quiet_ray_output(verbose: int) -> Iterator[None]:
         return
     import logging
 
-    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Trials a budget or a search created and then never ran have no results: Ray warns
     # of each; the tables count them as they are.
     quieted = [
@@ -158,14 +171,11 @@ def quiet_ray_output(verbose: int) -> Iterator[None]:
     for q in quieted:
         q.setLevel(logging.ERROR)
     try:
-        yield
+        with environment_variable("RAY_AIR_NEW_OUTPUT", "0"):
+            yield
     finally:
         for q, level in zip(quieted, levels, strict=True):
             q.setLevel(level)
-        if saved is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
 
 
 @contextlib.contextmanager
@@ -179,16 +189,8 @@ def without_tensorboard() -> Iterator[None]:
     a 150-trial bench (py-spy). ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` is read when
     ``fit`` starts; the user's own setting is restored after.
     """
-    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-    saved = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
+    with environment_variable("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = saved
 
 
 def ray_verbosity(verbose: int) -> int:
@@ -224,6 +226,7 @@ def run_callbacks(
 
 __all__ = [
     "build_tuner",
+    "environment_variable",
     "param_space",
     "quiet_ray_output",
     "ray_verbosity",
