@@ -207,7 +207,7 @@ def test_the_objective_is_relative_to_the_best_constant_lr() -> None:
 
 
 def test_the_training_distribution_avoids_the_evaluation_tasks() -> None:
-    from tune_alr.meta_problems import FAMILIES, N_TRAIN, OPTIMIZERS, make_data, sample_problems
+    from tune_alr.meta_problems import FAMILIES, OPTIMIZERS, make_data, sample_problems
 
     pool = sample_problems(40, seed=0)
     assert {p.family for p in pool} == set(FAMILIES)
@@ -216,7 +216,7 @@ def test_the_training_distribution_avoids_the_evaluation_tasks() -> None:
     assert len({(p.model, p.depth, p.width) for p in pool}) >= 10  # depths and widths
     assert sample_problems(40, seed=0) == pool  # reproducible
     data = make_data(pool[3])  # images: generated 8x8, not the digits
-    assert data.x.shape[1:] == (1, 8, 8) and len(data.x) == N_TRAIN
+    assert data.x.shape[1:] == (1, 8, 8) and len(data.x) == 2048
 
 
 # -- loading controllers --------------------------------------------------------------------
