@@ -339,3 +339,40 @@ def test_a_relative_controller_path_reaches_the_trial_absolute(
     for name in ("scratch", "meta-trained"):
         config = _resolved(policies=["meta"], policy_params={"meta": {"controller": name}})
         assert config["policy_params"]["controller"] == name
+
+
+def test_checking_settings_builds_every_policy_without_importing_dynamo() -> None:
+    """The driver checks every trial's settings before Ray starts; a torch optimizer's
+    first ``add_param_group`` would import ``torch._dynamo`` there (1.4 s), so the check
+    builds the policies on an optimizer that does not (a fresh process: this one has)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from trainables.config import TrialConfig\n"
+        "from tune_alr.policies import available\n"
+        "for name in available():\n"
+        "    TrialConfig.from_dict({'task': 'digits', 'policy': name})\n"
+        "try:\n"
+        "    TrialConfig.from_dict({'task': 'digits', 'policy': 'meta',\n"
+        "                           'policy_params': {'meta_lr': -1}})\n"
+        "except ValueError as err:\n"
+        "    print('refused:', err)\n"
+        "print('dynamo imported:', 'torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)  # fmt: skip
+    assert "refused: meta_lr must be a finite number > 0, got -1." in done.stdout
+    assert "dynamo imported: False" in done.stdout
+
+
+def test_the_checking_optimizer_holds_one_group_and_never_steps() -> None:
+    from trainables.config import _CheckingOptimizer
+
+    opt = _CheckingOptimizer()
+    assert isinstance(opt, torch.optim.Optimizer)
+    ((group),) = opt.param_groups
+    assert group["lr"] == 1.0 and len(group["params"]) == 1
+    with pytest.raises(NotImplementedError):
+        opt.step()

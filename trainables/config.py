@@ -58,6 +58,27 @@ def module_root(name: str) -> str:
     return str(path.parents[depth])
 
 
+class _CheckingOptimizer(torch.optim.Optimizer):
+    """A one-parameter optimizer that policies are built on to check their settings; it
+    is never stepped (``step`` is the base class's, which raises).
+
+    Why not ``torch.optim.SGD``: every ``Optimizer.add_param_group`` is wrapped by
+    ``torch._disable_dynamo``, whose first call imports ``torch._dynamo`` (1.4 s on this
+    project's 2-core machine), and the driver checks every trial's settings before Ray
+    starts, where nothing else needs it. This class adds its one group as the base class
+    does, without that wrapper.
+    """
+
+    def __init__(self) -> None:
+        super().__init__([torch.nn.Parameter(torch.zeros(1))], {"lr": 1.0})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        group = {**self.defaults, **param_group}
+        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        self.param_groups.append(group)
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     """Everything one trial needs (:meth:`from_dict` fills the task's defaults).
@@ -145,7 +166,7 @@ class TrialConfig:
         """Check every field; returns ``self``."""
         tasks.get(self.task)
         # Build the policy once on a throw-away optimizer: checks names and values.
-        dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        dummy = _CheckingOptimizer()
         build(self.policy, dummy, total_steps=self.max_steps or 1000, **dict(self.policy_params))
         check_int("seed", self.seed, minimum=0)
         optimizers.check(self.optimizer)  # known, and its package installed
