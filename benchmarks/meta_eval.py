@@ -9,7 +9,8 @@ One ``tune_alr.bench`` run (a Ray Tune experiment, MLflow tracked, its report wr
   target, the lowest best validation accuracy it reaches over the seeds);
 * ``meta-shipped`` (``controller="meta-trained"``), ``meta-scratch`` (plan 2's blank
   start) and ``feedback``, each started at ``--best-lr`` times every factor of
-  ``--starts`` (``1``: the default start; the labels carry the factor, ``@0.1x``);
+  ``--starts`` (``1``: the best LR itself; the labels carry the factor, ``@0.1x``), or at an
+  absolute LR given as ``lr=<LR>`` (labelled ``@lr<LR>``: the task's default start);
 * the anchors (Schedule-Free AdamW, Prodigy, D-Adaptation Adam) at their published
   defaults: they take no LR to start from.
 
@@ -38,15 +39,33 @@ if str(ROOT) not in sys.path:
 ANCHORS = ("sf-adamw", "prodigy", "dadapt-adam")
 
 
-def arms(best_lr: float, starts: list[float], controller: str | None = None) -> list[Any]:
-    """The policies' arms from every start; ``controller``: a candidate controller file,
-    scored beside the shipped one as ``meta-file``."""
+def parse_starts(text: str, best_lr: float) -> list[tuple[str, float]]:
+    """``--starts``: factors of the best LR (``0.1``, labelled ``@0.1x``; ``1`` is the
+    unlabelled start) or absolute LRs (``lr=1e-3``, labelled ``@lr1e-3``), as
+    ``(label suffix, lr)`` pairs."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            if item.startswith("lr="):
+                lr = float(item[3:])
+                out.append((f"@lr{lr:g}", lr))
+            else:
+                factor = float(item)
+                out.append(("" if factor == 1 else f"@{factor:g}x", best_lr * factor))
+        except ValueError:
+            raise SystemExit(f"--starts: {item!r} is neither a factor nor lr=<LR>") from None
+    return out
+
+
+def arms(
+    best_lr: float, starts: list[tuple[str, float]], controller: str | None = None
+) -> list[Any]:
+    """The policies' arms from every start (``parse_starts``); ``controller``: a candidate
+    controller file, scored beside the shipped one as ``meta-file``."""
     from tune_alr.experiment import Arm
 
     out: list[Any] = []
-    for factor in starts:
-        tag = "" if factor == 1 else f"@{factor:g}x"
-        lr = best_lr * factor
+    for tag, lr in starts:
         out += [
             Arm(f"meta-shipped{tag}", "meta", lr=lr, params={"controller": "meta-trained"}),
             Arm(f"meta-scratch{tag}", "meta", lr=lr, params={"controller": "scratch"}),
@@ -62,7 +81,10 @@ def main() -> None:
     parser.add_argument("--task", default="mnist", help="a bench workload (digits, mnist, ag_news)")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--best-lr", type=float, default=1e-3, help="the reference Adam LR")
-    parser.add_argument("--starts", default="1,0.1,10", help="start LRs as factors of it")
+    parser.add_argument(
+        "--starts", default="1,0.1,10",
+        help="start LRs: factors of --best-lr, or lr=<LR> (e.g. the task's default, lr=1e-3)",
+    )  # fmt: skip
     parser.add_argument("--data-dir", default=os.environ.get("TUNE_ALR_DATA_DIR"))
     parser.add_argument("--output", default="results/meta-eval")
     parser.add_argument(
@@ -79,7 +101,7 @@ def main() -> None:
         seeds=args.seeds,
         policies=arms(
             args.best_lr,
-            [float(f) for f in args.starts.split(",")],
+            parse_starts(args.starts, args.best_lr),
             None if args.controller is None else str(Path(args.controller).resolve()),
         ),
         anchors=ANCHORS,
