@@ -403,3 +403,56 @@ def test_policy_state_for_other_parameters_is_refused(name: str) -> None:
     one = build(name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1))
     with pytest.raises(ValueError, match="2 parameter"):
         one.load_state_dict(state)
+
+
+def _alignment_features(dim: int, noise: float, lr: float, steps: int = 120) -> tuple[float, float]:
+    """Mean ``cos_ema`` and ``cos_snr`` of Adam on a noisy least-squares problem of ``dim``
+    weights (steps 40 on), under a meta policy that holds the LR (``max_step`` ~ 0)."""
+    from tune_alr.policies.meta import FEATURE_NAMES
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(dim, generator=g)
+    w = torch.nn.Parameter(torch.zeros(dim))
+    opt = torch.optim.Adam([w], lr=lr)
+    policy = build("meta", opt, controller="meta-trained", max_step=1e-9, meta_lr=1e-12)
+    cos_ema, snr = [], []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = 0.5 * ((w - target) ** 2).sum() / dim
+        loss.backward()
+        assert w.grad is not None
+        w.grad += noise * torch.randn(dim, generator=g) / math.sqrt(dim)
+        opt.step()
+        policy.step(loss.item())
+        if step >= 40:
+            cos_ema.append(policy.features[FEATURE_NAMES.index("cos_ema")])
+            snr.append(policy.features[FEATURE_NAMES.index("cos_snr")])
+    return float(np.mean(cos_ema)), float(np.mean(snr))
+
+
+def test_cos_snr_reads_too_low_on_a_small_and_on_a_noisy_large_problem() -> None:
+    """Far below a good LR consecutive Adam steps agree. On 20 clean weights the raw
+    alignment says so loudly (about -0.85); on 20,000 noisy ones it is lost in the noise
+    (|cos_ema| < 0.01, as on a large network's minibatch gradients), where ``cos_snr``,
+    the alignment over its own recent size, still reads it, and less so as the LR rises."""
+    small = _alignment_features(dim=20, noise=0.0, lr=1e-4)
+    large = _alignment_features(dim=20_000, noise=1.0, lr=1e-4)
+    large_high = _alignment_features(dim=20_000, noise=1.0, lr=1e-1)
+    assert small[0] < -0.5 and abs(large[0]) < 0.01  # the raw scale differs 100-fold
+    assert small[1] < -0.9 and large[1] < -0.3  # the ratio says "too low" on both
+    assert large_high[1] > large[1] + 0.2  # and moves with the LR
+    assert all(-1.0 <= v <= 1.0 for v in (*small, *large, *large_high))
+
+
+def test_a_meta_state_saved_before_cos_snr_resumes() -> None:
+    """A state from a release with eight features resumes; the new one starts at 0."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    policy = build("meta", opt, controller="scratch")
+    state = policy.state_dict()
+    state["features"] = state["features"][:8]
+    del state["cos_sq_ema"]
+    resumed = build("meta", torch.optim.SGD([p], lr=0.1), controller="scratch")
+    resumed.load_state_dict(state)
+    assert len(resumed.features) == 9 and resumed.features[8] == 0.0
+    assert "feature/cos_snr" in resumed.diagnostics()
