@@ -122,6 +122,26 @@ def test_feedback_defaults_are_plan1_settings() -> None:
     )
 
 
+def test_feedback_threshold_is_a_rate_per_interval() -> None:
+    """Checks 25 steps apart ask for a quarter of the 1% per 100 steps: a loss falling 0.4%
+    a check (a plateau's slow start) raises the LR; with ``rate_threshold=False`` every
+    such check is a cut, and the cuts compound. At the plan's cadence nothing changes."""
+    falling = [1.0 * 0.996**k for k in range(6)]
+    settings = {"interval": 100, "early_interval": 25, "warmup_steps": 0, "guard": False}
+    rate = build("feedback", _optimizer(), evaluate=_probe(falling), **settings)
+    strict = build(
+        "feedback", _optimizer(), evaluate=_probe(falling), rate_threshold=False, **settings
+    )
+    rate_lrs, strict_lrs = _trace(rate, 126), _trace(strict, 126)
+    assert rate.streak == 4 and rate_lrs[-1] > 1.0  # four raises after the first check
+    assert strict.streak == -4 and strict_lrs[-1] < 0.7  # four compounding cuts
+    # At a fixed cadence the scaled threshold is the threshold: 0.4% per 100 steps cuts.
+    plain = build("feedback", _optimizer(), evaluate=_probe(falling), early_interval=None,
+                  warmup_steps=0, guard=False)  # fmt: skip
+    _trace(plain, 301)
+    assert plain.streak == -2
+
+
 def test_feedback_protective_start_ramps_up_geometrically() -> None:
     """From warmup_start x the LR to the LR over warmup_steps steps; checks act on top."""
     probe = _probe([1.0, 0.5, 0.25, 0.2, 0.19])  # steadily better: raises
@@ -272,8 +292,10 @@ def test_bad_arguments_raise_value_error(name: str, params: dict, fragment: str)
 BOOLEAN_PARAMETERS = [
     ("feedback", "accelerate"),
     ("feedback", "guard"),
+    ("feedback", "rate_threshold"),
     ("plan1-literal", "accelerate"),
     ("plan1-literal", "guard"),
+    ("plan1-literal", "rate_threshold"),
 ]
 
 ACCEPTED_BOOLEANS = [
@@ -347,7 +369,11 @@ def test_boolean_parameters_table_is_complete() -> None:
             for parameter, spec in inspect.signature(cls).parameters.items():
                 if "bool" in str(spec.annotation):
                     found.add((cls.__name__, parameter))
-    assert found == {("Feedback", "accelerate"), ("Feedback", "guard")}
+    assert found == {
+        ("Feedback", "accelerate"),
+        ("Feedback", "guard"),
+        ("Feedback", "rate_threshold"),
+    }
     assert {p for n, p in BOOLEAN_PARAMETERS if n == "feedback"} == {p for _, p in found}
 
 

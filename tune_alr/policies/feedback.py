@@ -17,6 +17,13 @@ answer to a diverging run. On top of it, and each switchable:
   times the previous one, cuts the LR by ``guard_cut`` at once and forbids raising it
   for ``cooldown`` checks. A raise the cooldown holds back moves nothing, so it does not
   count in the streak (a later cut takes back only raises actually applied).
+* ``rate_threshold``: the threshold is a rate, ``threshold`` per ``interval`` steps, so
+  a check ``k`` steps after the last one asks for ``threshold * k / interval``. The
+  plan's 1% is per 100 steps; asking 1% of every early check, 25 steps apart, is a rule
+  four times stricter, which on AG News's BiLSTM from Adam at 1e-3 read the loss's
+  initial plateau (0.4% per 25 steps) as failure, cut at every check, the cuts
+  compounded, and the LR reached its floor (0.37-0.39 accuracy where a constant 1e-3
+  reaches 0.8). At the plan's fixed cadence it changes nothing.
 * ``min_factor`` / ``max_factor``: the LR stays within those multiples of its start.
 * ``warmup_steps`` / ``warmup_start`` (the protective start): the LR starts at
   ``warmup_start`` (0.1) times the given LR and rises geometrically to it over the first
@@ -85,8 +92,8 @@ class Feedback(IntervalPolicy):
     Args:
         interval: steps between checks. Default 100 (plan 1).
         factor: relative LR change per decision, in (0, 1). Default 0.1 (plan 1: 10%).
-        threshold: relative improvement of the signal that counts as progress.
-            Default 0.01 (plan 1: 1%).
+        threshold: relative improvement of the signal that counts as progress, per
+            ``interval`` steps (see ``rate_threshold``). Default 0.01 (plan 1: 1%).
         accelerate: compound consecutive same-direction decisions. Default True.
             Booleans are parsed strictly (see :func:`~tune_alr.policies.base.check_bool`):
             the string ``"False"`` is false, ``"nope"`` an error.
@@ -108,6 +115,8 @@ class Feedback(IntervalPolicy):
             of ``total_steps`` when that is given; 0 disables it. Default 100.
         warmup_start: the LR's multiplier at the first step of the protective start, in
             (0, 1]. Default 0.1.
+        rate_threshold: ``threshold`` is per ``interval`` steps, scaled to each check's
+            distance from the previous sane one. Default True.
     """
 
     diagnostic_keys = (
@@ -133,6 +142,7 @@ class Feedback(IntervalPolicy):
         max_factor: float = 100.0,
         warmup_steps: int = 100,
         warmup_start: float = 0.1,
+        rate_threshold: bool = True,
         total_steps: int | None = None,
         evaluate: Evaluate | None = None,
     ) -> None:
@@ -164,6 +174,8 @@ class Feedback(IntervalPolicy):
         self.cooldown_left = 0
         self.guard_trips = 0
         self.reference: float | None = None  # the signal of the last sane check
+        self.reference_step = 0  # and its step
+        self.rate_threshold = check_bool("rate_threshold", rate_threshold)
         if total_steps is not None and warmup_steps > 0:
             # A quarter of the run at most: a short run (digits' 100 steps) would otherwise
             # spend all of it below the LR it was given.
@@ -225,11 +237,14 @@ class Feedback(IntervalPolicy):
             return self._trip()
         if not math.isfinite(signal):
             return self.factor
-        self.reference = signal
+        threshold = self.threshold
+        if self.rate_threshold:
+            threshold *= (self.last_epoch - self.reference_step) / self.interval
+        self.reference, self.reference_step = signal, self.last_epoch
         multiplier, self.streak = feedback_decision(
             previous,
             signal,
-            threshold=self.threshold,
+            threshold=threshold,
             factor=self.adjust,
             streak=self.streak,
             accelerate=self.accelerate,
@@ -255,6 +270,7 @@ def plan1_literal(optimizer: Optimizer, **params: object) -> Feedback:
         "min_factor": 0.0,
         "max_factor": math.inf,
         "warmup_steps": 0,
+        "rate_threshold": False,
     }
     literal.update(params)
     return Feedback(optimizer, **literal)  # type: ignore[arg-type]
