@@ -2,11 +2,14 @@
 the LR-free anchors, on a bench workload, from the default LR and from 10x off.
 
     .venv/bin/python benchmarks/meta_eval.py --task mnist --seeds 8 [--starts 1,0.1,10]
+        [--arms meta-shipped,meta-scratch,feedback] [--anchors sf-adamw,prodigy,dadapt-adam]
+        [--grid 1e-3,3e-3,1e-2]
 
 One ``tune_alr.bench`` run (a Ray Tune experiment, MLflow tracked, its report written):
 
 * the reference: Adam at ``--best-lr`` (the workload's best constant LR; it sets the
-  target, the lowest best validation accuracy it reaches over the seeds);
+  target, the lowest best validation accuracy it reaches over the seeds), and Adam at
+  each other LR of ``--grid`` beside it (they do not move the target);
 * ``meta-shipped`` (``controller="meta-trained"``), ``meta-scratch`` (plan 2's blank
   start) and ``feedback``, each started at ``--best-lr`` times every factor of
   ``--starts`` (``1``: the best LR itself; the labels carry the factor, ``@0.1x``), or at an
@@ -37,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 ANCHORS = ("sf-adamw", "prodigy", "dadapt-adam")
+ARMS = ("meta-shipped", "meta-scratch", "feedback")
 
 
 def parse_starts(text: str, best_lr: float) -> list[tuple[str, float]]:
@@ -57,20 +61,38 @@ def parse_starts(text: str, best_lr: float) -> list[tuple[str, float]]:
     return out
 
 
+def parse_names(option: str, text: str, accepted: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma list of names among ``accepted`` (empty is none); exits naming a bad one."""
+    names = tuple(filter(None, (part.strip() for part in text.split(","))))
+    bad = [name for name in names if name not in accepted]
+    if bad:
+        raise SystemExit(f"{option}: {bad} not among {list(accepted)}")
+    return names
+
+
 def arms(
-    best_lr: float, starts: list[tuple[str, float]], controller: str | None = None
+    best_lr: float,
+    starts: list[tuple[str, float]],
+    controller: str | None = None,
+    names: tuple[str, ...] = ARMS,
 ) -> list[Any]:
-    """The policies' arms from every start (``parse_starts``); ``controller``: a candidate
-    controller file, scored beside the shipped one as ``meta-file``."""
+    """The policies' arms from every start (``parse_starts``), for the ``names`` among
+    :data:`ARMS`; ``controller``: a candidate controller file, scored beside the shipped
+    one as ``meta-file``."""
     from tune_alr.experiment import Arm
 
     out: list[Any] = []
     for tag, lr in starts:
-        out += [
-            Arm(f"meta-shipped{tag}", "meta", lr=lr, params={"controller": "meta-trained"}),
-            Arm(f"meta-scratch{tag}", "meta", lr=lr, params={"controller": "scratch"}),
-            Arm(f"feedback{tag}", "feedback", lr=lr),
-        ]
+        every = {
+            "meta-shipped": Arm(
+                f"meta-shipped{tag}", "meta", lr=lr, params={"controller": "meta-trained"}
+            ),
+            "meta-scratch": Arm(
+                f"meta-scratch{tag}", "meta", lr=lr, params={"controller": "scratch"}
+            ),
+            "feedback": Arm(f"feedback{tag}", "feedback", lr=lr),
+        }
+        out += [every[name] for name in ARMS if name in names]
         if controller is not None:
             out.append(Arm(f"meta-file{tag}", "meta", lr=lr, params={"controller": controller}))
     return out
@@ -91,8 +113,21 @@ def main() -> None:
         "--controller",
         help="also score this controller file (tune-alr meta-train's output) as meta-file",
     )
+    parser.add_argument(
+        "--arms", default=",".join(ARMS), help=f"which policies' arms (default: {','.join(ARMS)})"
+    )
+    parser.add_argument(
+        "--anchors", default=",".join(ANCHORS), help="LR-free anchors ('' for none)"
+    )
+    parser.add_argument(
+        "--grid", default="", help="more Adam LRs beside --best-lr (they do not set the target)"
+    )
     parser.add_argument("--tracking-uri", default=None)
     args = parser.parse_args()
+    try:
+        grid = tuple(float(part) for part in args.grid.split(",") if part.strip())
+    except ValueError:
+        raise SystemExit(f"--grid: {args.grid!r} is not a comma list of LRs") from None
 
     from tune_alr import bench
 
@@ -103,9 +138,11 @@ def main() -> None:
             args.best_lr,
             parse_starts(args.starts, args.best_lr),
             None if args.controller is None else str(Path(args.controller).resolve()),
+            parse_names("--arms", args.arms, ARMS),
         ),
-        anchors=ANCHORS,
-        grid=(args.best_lr,),
+        anchors=parse_names("--anchors", args.anchors, ANCHORS),
+        grid=tuple(sorted({args.best_lr, *grid})),
+        baseline=f"adam-{args.best_lr:g}",
         data_dir=args.data_dir,
         name=f"meta-eval-{args.task}",
         output=args.output,
