@@ -23,7 +23,7 @@ answer to a diverging run. On top of it, and each switchable:
   four times stricter, which on AG News's BiLSTM from Adam at 1e-3 read the loss's
   initial plateau (0.4% per 25 steps) as failure, cut at every check, the cuts
   compounded, and the LR reached its floor (0.37-0.39 accuracy where a constant 1e-3
-  reaches 0.8). At the plan's fixed cadence it changes nothing.
+  reaches 0.76). At the plan's fixed cadence it changes nothing.
 * ``min_factor`` / ``max_factor``: the LR stays within those multiples of its start.
 * ``warmup_steps`` / ``warmup_start`` (the protective start): the LR starts at
   ``warmup_start`` (0.1) times the given LR and rises geometrically to it over the first
