@@ -238,7 +238,10 @@ class Feedback(IntervalPolicy):
         if not math.isfinite(signal):
             return self.factor
         threshold = self.threshold
-        if self.rate_threshold:
+        if self.rate_threshold and not self.warming:
+            # During the protective ramp every check asks the full threshold: a ramp
+            # that is not plainly paying off ends early (a start too high is never
+            # reached); after it, the threshold is the plan's rate.
             threshold *= (self.last_epoch - self.reference_step) / self.interval
         self.reference, self.reference_step = signal, self.last_epoch
         multiplier, self.streak = feedback_decision(
