@@ -142,6 +142,20 @@ def test_feedback_threshold_is_a_rate_per_interval() -> None:
     assert plain.streak == -2
 
 
+def test_feedback_ramp_asks_the_full_threshold_then_the_rate() -> None:
+    """A 0.4% fall per 25-step check during the ramp is a cut that ends it (a start too
+    high is never reached); after it, the same fall is progress (0.25% is asked)."""
+    falling = [1.0 * 0.996**k for k in range(8)]
+    policy = build("feedback", _optimizer(), evaluate=_probe(falling), interval=100,
+                   early_interval=25, warmup_steps=100, guard=False)  # fmt: skip
+    _trace(policy, 51)  # checks at 25 (the first) and 50 (during the ramp)
+    assert not policy.warming and policy.streak == -1  # cut: the ramp ended where it stood
+    ended = policy.get_last_lr()[0]
+    assert ended < 0.5
+    _trace(policy, 75)  # checks at 75, 100, 125: progress at the rate now
+    assert policy.streak == 3 and policy.get_last_lr()[0] > ended
+
+
 def test_feedback_protective_start_ramps_up_geometrically() -> None:
     """From warmup_start x the LR to the LR over warmup_steps steps; checks act on top."""
     probe = _probe([1.0, 0.5, 0.25, 0.2, 0.19])  # steadily better: raises

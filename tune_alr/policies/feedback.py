@@ -23,7 +23,9 @@ answer to a diverging run. On top of it, and each switchable:
   four times stricter, which on AG News's BiLSTM from Adam at 1e-3 read the loss's
   initial plateau (0.4% per 25 steps) as failure, cut at every check, the cuts
   compounded, and the LR reached its floor (0.35-0.39 accuracy where a constant 1e-3
-  reaches 0.76). At the plan's fixed cadence it changes nothing.
+  reaches 0.76). During the protective ramp (below) checks still ask the full
+  threshold, so that a ramp not plainly paying off ends early: a start too high is
+  then never reached. At the plan's fixed cadence it changes nothing.
 * ``min_factor`` / ``max_factor``: the LR stays within those multiples of its start.
 * ``warmup_steps`` / ``warmup_start`` (the protective start): the LR starts at
   ``warmup_start`` (0.1) times the given LR and rises geometrically to it over the first
@@ -116,7 +118,8 @@ class Feedback(IntervalPolicy):
         warmup_start: the LR's multiplier at the first step of the protective start, in
             (0, 1]. Default 0.1.
         rate_threshold: ``threshold`` is per ``interval`` steps, scaled to each check's
-            distance from the previous sane one. Default True.
+            distance from the previous sane one, once the protective ramp has ended.
+            Default True.
     """
 
     diagnostic_keys = (
