@@ -68,17 +68,15 @@ def measure(
 
 
 def mnist(data_dir: Path, lrs: list[float]) -> None:
-    import pandas as pd
+    # The plain loop's reader (benchmarks/ is on the path when this runs as a script).
+    from _plain_mnist import load
 
     from trainables.data import SplitPlan, carve
     from trainables.models import Plan2CNN
 
-    def load(split: str) -> tuple[np.ndarray, np.ndarray]:
-        frame = pd.read_parquet(data_dir / "mnist" / f"{split}.parquet")
-        return np.stack(frame["image"].to_numpy()), frame["label"].to_numpy(np.int64)
-
     plan = SplitPlan(data_seed=0, val_size=2000, test_size=5000, limit_train=10000)
-    arrays, _ = carve({"train": load("train"), "test": load("test")}, plan)
+    raw = {"train": load(data_dir, "train"), "test": load(data_dir, "test")}
+    arrays, _ = carve(raw, plan)
     x = torch.from_numpy(arrays["train"][0].reshape(-1, 1, 28, 28)).float() / 255.0
     x = (x - x.mean()) / x.std()
     y = torch.from_numpy(arrays["train"][1])
