@@ -145,10 +145,14 @@ class TwoHosts:
         (ssh / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
         venv_bin = Path(sys.prefix) / "bin"
         # Ray runs every remote command in `bash --login -i` after sourcing ~/.bashrc.
+        # `ray down` on an on-premise cluster leaves the workers' raylets to exit once the
+        # head's GCS has been gone for gcs_rpc_server_reconnect_timeout_s: Ray's 60 s
+        # default made a third of the end-to-end test a wait; these hosts say 10 s.
         (self.home / ".bashrc").write_text(
             f'export PATH="{venv_bin}:$PATH"\n'
             "export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0\n"
             "export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1\n"
+            "export RAY_gcs_rpc_server_reconnect_timeout_s=10\n"
         )
         (self.home / ".bash_profile").write_text("source ~/.bashrc\n")
         for path in [ssh, ssh / "authorized_keys", self.home / ".bashrc"]:
@@ -219,6 +223,16 @@ class TwoHosts:
         """``pid command`` of every process the cluster user still has."""
         out = _run("pgrep", "-a", "-u", USER, check=False).stdout
         return [line for line in out.splitlines() if line.strip()]
+
+    def orphaned(self, pid: int) -> bool:
+        """Whether process ``pid`` (gone counts) no longer has a parent of the cluster user's:
+        its parent died and it was handed to its host's first process (sshd here)."""
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            owner = Path(f"/proc/{ppid}").stat().st_uid
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        return owner != pwd.getpwnam(USER).pw_uid
 
     # -- tear-down -------------------------------------------------------------------
 

@@ -190,10 +190,26 @@ def test_ray_up_job_submit_ray_down(two_hosts: _hosts.TwoHosts, tmp_path: Path) 
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
     # `ray down` stops Ray on the head; the on-premise provider does not log into the
     # workers, whose raylets exit once the head's GCS has been gone for
-    # gcs_rpc_server_reconnect_timeout_s (60 s by default). SSH control masters linger
-    # 10 s. After that, nothing of the cluster may be left.
+    # gcs_rpc_server_reconnect_timeout_s (60 s by default, 10 s on these hosts: see
+    # _hosts). SSH control masters linger 10 s. After that, nothing of the cluster may be
+    # left but a worker's agents that saw their raylet die: each exits after trying to
+    # tell the (gone) GCS so, which Ray gives 60 s (`publish_error_to_driver`); they
+    # must be orphans by then, and TwoHosts ends them by PID.
     started = time.monotonic()
-    while hosts.user_processes() and time.monotonic() < started + 150:
+    while time.monotonic() < started + 150:
+        left = [p for p in hosts.user_processes() if not _an_agent(p)]
+        if not left:
+            break
         time.sleep(2)
-    assert hosts.user_processes() == [], f"left after {time.monotonic() - started:.0f} s"
-    print(f"ray down: every cluster process gone {time.monotonic() - started:.0f} s later")
+    assert left == [], f"left after {time.monotonic() - started:.0f} s"
+    agents = [p for p in hosts.user_processes() if _an_agent(p)]
+    assert all(hosts.orphaned(int(p.split()[0])) for p in agents), agents
+    print(
+        f"ray down: every cluster process but {len(agents)} orphaned agents gone "
+        f"{time.monotonic() - started:.0f} s later"
+    )
+
+
+def _an_agent(process: str) -> bool:
+    """Whether a ``pid command`` line is one of a Ray node's agents."""
+    return process.split(maxsplit=1)[-1] in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
