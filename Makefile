@@ -43,10 +43,22 @@ browser-deps:
 	fi
 
 ## test-all: everything, the heavy tests too (cluster end to end, process kills, outages,
-## the MLflow UI in headless Chromium); what CI runs
+## the MLflow UI in headless Chromium); what CI runs. The `side` tests (heavy ones that
+## mostly wait on processes of their own: a cluster, servers, a browser) run in a second
+## pytest, with its own session Ray, beside the rest; its output follows the rest's.
+## Each pytest has its own temporary folder, removed when both pass.
 test-all: $(STAMP) browser-deps
 	@if [ -d "$(SHARED_DATA)" ]; then export TUNE_ALR_DATA_DIR="$(SHARED_DATA)"; fi; \
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 tests
+	base=$$(mktemp -d /tmp/tune-alr-tests.XXXXXX); \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=10 \
+	  --basetemp="$$base/side" -m side tests > "$$base/side.log" 2>&1 & side=$$!; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 \
+	  --basetemp="$$base/rest" -m "not side" tests; rest=$$?; \
+	wait $$side; sidecode=$$?; \
+	echo; echo "== the side tests (run beside the rest): exit $$sidecode"; \
+	cat "$$base/side.log"; \
+	if [ $$rest -eq 0 ] && [ $$sidecode -eq 0 ]; then rm -rf "$$base"; \
+	else echo "test-all: failed (rest: exit $$rest, side: exit $$sidecode); temporary files in $$base" >&2; exit 1; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check tune_alr trainables tests benchmarks

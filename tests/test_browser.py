@@ -49,7 +49,7 @@ from selenium.webdriver.support import expected_conditions as EC
 
 require_chromium()
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.browser]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.browser, pytest.mark.side]
 
 KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"  # MLflow's value for model training

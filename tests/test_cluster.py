@@ -60,6 +60,7 @@ def test_a_broken_copy_fails_the_schema(path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.heavy
+@pytest.mark.side
 def test_a_constrained_profile_lands_only_on_the_constrained_node(tmp_path: Path) -> None:
     """A head (no CPUs) and two workers, one offering ``constrained``: an own Ray cluster."""
     done = subprocess.run(
@@ -106,6 +107,7 @@ def _cluster_file(hosts: _hosts.TwoHosts, folder: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.heavy
+@pytest.mark.side
 def test_ray_up_job_submit_ray_down(two_hosts: _hosts.TwoHosts, tmp_path: Path) -> None:
     hosts = two_hosts
     head_ip, worker_ip = hosts.ips

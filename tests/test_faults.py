@@ -250,6 +250,7 @@ def _end_leftovers(marker: str) -> None:
 
 
 @pytest.mark.heavy
+@pytest.mark.side
 def test_a_killed_driver_resumes_the_unfinished_trials_only(tmp_path: Path) -> None:
     ray_tmp = tempfile.mkdtemp(prefix="tar-dk-", dir="/tmp")  # short: socket path limit
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}

@@ -158,6 +158,7 @@ def guarded_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 
 @pytest.mark.slow
 @pytest.mark.heavy
+@pytest.mark.side
 def test_a_run_succeeds_with_credentials_from_the_uri(guarded_run: dict[str, Any]) -> None:
     assert guarded_run["code"] == 0, guarded_run["stderr"][-3000:].decode(errors="replace")
     assert guarded_run["denied"] == 0  # every request carried the credentials
@@ -166,6 +167,7 @@ def test_a_run_succeeds_with_credentials_from_the_uri(guarded_run: dict[str, Any
 
 @pytest.mark.slow
 @pytest.mark.heavy
+@pytest.mark.side
 def test_ray_listens_on_loopback_only(guarded_run: dict[str, Any]) -> None:
     names = {name for name, _ in guarded_run["listening"]}
     assert {"gcs_server", "raylet"} <= names, names  # Ray's servers were seen listening
@@ -175,6 +177,7 @@ def test_ray_listens_on_loopback_only(guarded_run: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.heavy
+@pytest.mark.side
 def test_the_password_is_in_no_output_file_or_mlflow(guarded_run: dict[str, Any]) -> None:
     secret = PASSWORD.encode()
     assert secret not in guarded_run["stdout"] and secret not in guarded_run["stderr"]
@@ -190,6 +193,7 @@ def test_the_password_is_in_no_output_file_or_mlflow(guarded_run: dict[str, Any]
 
 @pytest.mark.slow
 @pytest.mark.heavy
+@pytest.mark.side
 def test_the_ui_answers_when_it_says_so_on_loopback_and_stops_whole(tmp_path: Path) -> None:
     port = free_port()
     ui = subprocess.Popen(

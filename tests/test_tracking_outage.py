@@ -15,7 +15,7 @@ import tune_alr
 from tune_alr import cli
 from tune_alr.experiment import Experiment
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.side]
 
 
 def test_an_outage_loses_nothing_and_report_relogs(ray_session: None, tmp_path: Path) -> None:
