@@ -126,19 +126,18 @@ def measure_eval(data_dir: str, repeats: int) -> dict[str, Any]:
         if layout == "loop":
             loop.Evaluator()(model, val)  # a fresh evaluator: its copy's cost included
             return (time.perf_counter() - t0) / len(val)
-        if layout == "channels_last":
-            twin.load_state_dict(model.state_dict())
-            net, fmt = twin, torch.channels_last
-        else:
-            plain.load_state_dict(model.state_dict())
-            net, fmt = plain, torch.contiguous_format
+        net, fmt = (
+            (twin, torch.channels_last)
+            if layout == "channels_last"
+            else (plain, torch.contiguous_format)
+        )
+        net.load_state_dict(model.state_dict())
         with torch.inference_mode():
             for i in range(0, len(val), batch):
                 x = val.inputs[0][i : i + batch].contiguous(memory_format=fmt)
                 logits = net(x)
                 float(F.cross_entropy(logits, val.labels[i : i + batch], reduction="sum"))
                 int((logits.argmax(1) == val.labels[i : i + batch]).sum())
-        model.train()
         return (time.perf_counter() - t0) / len(val)
 
     variants = [(b, lay) for lay in ("contiguous", "channels_last") for b in EVAL_BATCHES]
