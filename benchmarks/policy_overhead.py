@@ -8,12 +8,12 @@ shuffled order, over the same number of steps; the ratio of a configuration is i
 steps/s over the no-policy steps/s of the same repeat, and the table gives the median
 over repeats. ``feedback+probe`` adds a 256-image validation probe (at each check: every
 25 steps for the first 400, then every 100), the cost of following plan 1 to the letter.
-``meta`` is the default, plan 2's blank start (five features), ``meta-trained`` the
-shipped meta-trained controller (eight features, one more dot product per parameter for
-its curvature feature). Targets: feedback within 1% of no policy, meta and hd within 5%.
-On a noisy
-2-core machine the end-to-end ratio spreads by +-15% between repeats, so the table also
-gives the time spent inside ``policy.step`` itself, measured in the same runs.
+``meta`` is the default, the shipped meta-trained controller (six features, one more dot
+product per parameter than plan 2's first release for its curvature feature),
+``meta-scratch`` plan 2's blank start (five features). Targets: feedback within 1% of
+no policy, meta and hd within 5%. On a noisy 2-core machine the end-to-end ratio spreads
+by +-15% between repeats, so the table also gives the time spent inside ``policy.step``
+itself, measured in the same runs.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from trainables.models import Plan2CNN
 from tune_alr.policies import build
 
 POLICIES = ("constant", "step", "cyclic", "plateau", "feedback", "feedback+probe", "hd", "meta",
-            "meta-trained")  # fmt: skip
+            "meta-scratch")  # fmt: skip
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -64,9 +64,9 @@ def measure(name: str, steps: int, seed: int) -> tuple[float, float, int]:
 
     policy = None
     if name != "none":
-        base = name.removesuffix("+probe").removesuffix("-trained")
+        base = name.removesuffix("+probe").removesuffix("-scratch")
         evaluate: Callable[[], float] | None = probe if name.endswith("+probe") else None
-        params = {"controller": "meta-trained"} if name == "meta-trained" else {}
+        params = {"controller": "scratch"} if name == "meta-scratch" else {}
         policy = build(base, optimizer, evaluate=evaluate, total_steps=steps, **params)
     for i in range(10):  # warm-up, untimed
         loss = F.cross_entropy(model(x[i]), y[i])

@@ -1,13 +1,13 @@
 """Do the adaptive policies fix a mis-set LR? Final loss against the best constant LR.
 
-    python benchmarks/toy_problems.py [--policies meta,meta-trained] [--controller FILE]
+    python benchmarks/toy_problems.py [--policies meta,meta-scratch] [--controller FILE]
 
 For each toy problem: the best constant LR of an 8-value grid, then each policy started
 far too low (1e-5), 10x too low, 10x too high and 30x too high (near divergence), each
 with the same SGD step budget. Prints final loss / best final loss (the goal for meta:
-at most 1.15 from every start) and the last LR. ``meta`` is the default, plan 2's
-blank start (``controller="scratch"``: the meta policy as first released, step for
-step), ``meta-trained`` the shipped meta-trained controller, ``feedback`` has its
+at most 1.15 from every start) and the last LR. ``meta`` is the default, the shipped
+meta-trained controller, ``meta-scratch`` plan 2's blank start (``controller="scratch"``:
+the meta policy as first released, step for step), ``feedback`` has its
 protective start and ``feedback-nowarmup`` is it without (``warmup_steps=0``);
 ``--controller FILE`` adds ``meta-file``, a controller that ``tune-alr meta-train`` wrote. The toy
 problems are not in the meta-training distribution (``tune_alr.meta_problems``).
@@ -25,7 +25,7 @@ from tune_alr.toy_problems import PROBLEMS, STEPS, best_constant, run
 #: label -> (policy, params)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "meta": ("meta", {}),
-    "meta-trained": ("meta", {"controller": "meta-trained"}),
+    "meta-scratch": ("meta", {"controller": "scratch"}),
     "hd": ("hd", {}),
     "feedback": ("feedback", {}),
     "feedback-nowarmup": ("feedback", {"warmup_steps": 0}),

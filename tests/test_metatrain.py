@@ -224,7 +224,11 @@ def test_the_training_distribution_avoids_the_evaluation_tasks() -> None:
 
 def test_the_shipped_controller_is_meta_trained_and_loads() -> None:
     spec = meta_trained_controller()
-    assert spec.features == FEATURE_NAMES[:8]  # read by name: features added later are not
+    # read by name: the shipped controller reads no alignment feature (README says why)
+    assert spec.features == (
+        "log_lr_decades", "loss_trend", "grad_norm_ratio", "loss_level", "curvature", "progress"
+    )  # fmt: skip
+    assert -1.0 < spec.initial_decades < 0.0  # a learned warm-up: it starts below the LR given
     scratch = load_controller("scratch")
     assert spec.weights.shape != scratch.weights.shape or not np.array_equal(
         spec.weights, scratch.weights
@@ -236,8 +240,7 @@ def test_the_shipped_controller_is_meta_trained_and_loads() -> None:
     policy = build("meta", _optimizer(), controller="meta-trained")
     assert policy.controller_source == "'meta-trained'"
     np.testing.assert_array_equal(policy.weights, spec.weights)
-    # not the default: on the held-out MNIST workload it did worse than the blank start
-    assert build("meta", _optimizer()).controller_source == "'scratch'"
+    assert build("meta", _optimizer()).controller_source == "'meta-trained'"  # the default
 
 
 def test_the_shipped_controller_is_package_data() -> None:
@@ -319,7 +322,7 @@ def _write(tmp_path: Path, **changes: object) -> str:
 @pytest.mark.parametrize(
     ("make", "fragment"),
     [
-        (lambda tmp: "nope", "controller must be 'scratch' (plan 2's blank start, the default)"),
+        (lambda tmp: "nope", "controller must be 'meta-trained' (the shipped meta-trained"),
         (lambda tmp: "nope", "got 'nope' (no such file)"),
         (lambda tmp: "", "or such a file's contents as a dict; got ''"),
         (lambda tmp: 3, "got 3"),

@@ -16,21 +16,22 @@ its scale does not depend on the model.
 
 Where the controller starts (``controller``):
 
-* ``"scratch"`` (the default): plan 2's blank start: the five features of
-  :data:`PLAN2_FEATURES`, ``hidden`` (12) tanh units initialised as ``torch.nn.Linear``
-  is, and an output layer of zeros, so that it starts as a constant LR and learns only
-  online (the same LR sequence as the first release, step for step);
-* ``"meta-trained"``: the controller shipped in
-  ``tune_alr/policies/controllers/meta-trained.json`` (the first eight features, 8 tanh units:
-  81 weights), whose starting weights were meta-trained (``tune-alr meta-train``,
-  :mod:`tune_alr.metatrain`) over a distribution of synthetic training problems, with
-  this online adaptation on during each of them; its provenance (distribution, seed,
-  generations, population, command, commit, date, wall time) is in the file. On fresh
-  problems of that distribution it ends runs far closer to the best constant LR than the
-  blank start does, but not on the held-out tasks: on the bench's MNIST workload it
-  drives Adam's LR from 1e-3 towards its floor and ends at 92.4% validation accuracy
-  where the blank start ends at 97.4% (README, "Meta-training the controller"), so it is
-  not the default;
+* ``"meta-trained"`` (the default): the controller shipped in
+  ``tune_alr/policies/controllers/meta-trained.json`` (six features: ``log_lr_decades``,
+  ``loss_trend``, ``grad_norm_ratio``, ``loss_level``, ``curvature``, ``progress``; 8 tanh
+  units, 73 weights; a learned start 0.28 decades below the LR given), whose starting
+  weights were meta-trained (``tune-alr meta-train``, :mod:`tune_alr.metatrain`) over a
+  distribution of synthetic training problems, with this online adaptation on during each
+  of them; its provenance (distribution, seed, generations, command, commit, date, wall
+  time) is in the file. It reads no alignment feature: the online rule below aims at the
+  greedy alignment (cosine 0), and controllers that learned a fixed point on the
+  alignment from small problems held MNIST's LR 6-10x below its best (README,
+  "Meta-training the controller", which also gives where it beats the blank start on the
+  bench's workloads and where it does not);
+* ``"scratch"``: plan 2's blank start: the five features of :data:`PLAN2_FEATURES`,
+  ``hidden`` (12) tanh units initialised as ``torch.nn.Linear`` is, and an output layer of
+  zeros, so that it starts as a constant LR and learns only online (the same LR sequence
+  as the first release, step for step);
 * a path to a controller file that ``tune-alr meta-train`` wrote, or such a file's
   contents as a dict.
 
@@ -134,8 +135,8 @@ MAX_INITIAL_DECADES = 6.0
 META_TRAINED_FILE = "meta-trained.json"
 _DECADE = math.log(10.0)
 _ACCEPTED = (
-    "'scratch' (plan 2's blank start, the default), 'meta-trained' (the shipped "
-    "meta-trained controller), "
+    "'meta-trained' (the shipped meta-trained controller, the default), 'scratch' "
+    "(plan 2's blank start), "
     "a path to a controller file written by tune-alr meta-train, or such a file's "
     "contents as a dict"
 )
@@ -501,10 +502,11 @@ class Meta(Policy):
     still trips the guard, with or without a loss.
 
     Args:
-        controller: where the controller starts: ``"scratch"`` (plan 2's blank start: a
-            constant LR that learns online only), ``"meta-trained"`` (the shipped
-            meta-trained controller), a path to a file written by ``tune-alr
-            meta-train``, or such a file's contents as a dict. Default ``"scratch"``.
+        controller: where the controller starts: ``"meta-trained"`` (the shipped
+            meta-trained controller), ``"scratch"`` (plan 2's blank start: a constant LR
+            that learns online only), a path to a file written by ``tune-alr
+            meta-train``, or such a file's contents as a dict. Default
+            ``"meta-trained"``.
         meta_lr: the controller's online Adam LR. Default 1e-4 (plan 2).
         meta_clip: gradient-norm clipping of the controller's update. Default 1.0 (plan 2).
         max_step: the largest change of the log LR in one step. Default 0.05 (5%).
@@ -542,7 +544,7 @@ class Meta(Policy):
         self,
         optimizer: Optimizer,
         *,
-        controller: Any = "scratch",
+        controller: Any = "meta-trained",
         meta_lr: float = 1e-4,
         meta_clip: float = 1.0,
         max_step: float = 0.05,
