@@ -19,7 +19,7 @@ Where the controller starts (``controller``):
 * ``"meta-trained"`` (the default): the controller shipped in
   ``tune_alr/policies/controllers/meta-trained.json`` (six features: ``log_lr_decades``,
   ``loss_trend``, ``grad_norm_ratio``, ``loss_level``, ``curvature``, ``progress``; 8 tanh
-  units, 73 weights; a learned start 0.28 decades below the LR given), whose starting
+  units, 65 weights; a learned start 0.28 decades below the LR given), whose starting
   weights were meta-trained (``tune-alr meta-train``, :mod:`tune_alr.metatrain`) over a
   distribution of synthetic training problems, with this online adaptation on during each
   of them; its provenance (distribution, seed, generations, command, commit, date, wall
