@@ -22,13 +22,14 @@ policy exactly as a user runs it, online adaptation on, during every inner run.
   alike. A diverged checkpoint counts as the untrained loss times e. The objective of a
   generation is the mean over its sampled runs (the same runs for every candidate).
 * **Outer optimiser**: evolution strategies (Salimans et al., 2017) on the controller's
-  weights (81 numbers by default): ``population / 2`` antithetic pairs ``w +- sigma *
-  eps``, rank-based fitness shaping (centred ranks), Adam on the mean. Chosen for a
-  controller this small and an objective this noisy: it needs no gradient through
-  hundreds of training steps, ranks make one diverged run no louder than a bad one,
-  antithetic pairs on common runs cancel most of the noise between candidates, and a
-  generation is one batch of independent Ray tasks. (CMA-ES through optuna's
-  ``CmaEsSampler`` needs the ``cmaes`` package, which the pinned stack does not carry.)
+  weights (89 numbers with all nine features, the default): ``population / 2``
+  antithetic pairs ``w +- sigma * eps``, rank-based fitness shaping (centred ranks), Adam
+  on the mean. Chosen for a controller this small and an objective this noisy: it
+  needs no gradient through hundreds of training steps, ranks make one diverged run no
+  louder than a bad one, antithetic pairs on common runs cancel most of the noise
+  between candidates, and a generation is one batch of independent Ray tasks. (CMA-ES
+  through optuna's ``CmaEsSampler`` needs the ``cmaes`` package, which the pinned stack
+  does not carry.)
 * **Selection**: every ``validate_every`` generations the mean weights are scored on
   fixed runs of held-out problems (other seeds, same distribution); the best of those is
   the result (``controller.json``), written as soon as it is found.
