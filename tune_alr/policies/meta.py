@@ -25,7 +25,7 @@ Where the controller starts (``controller``):
   of them; its provenance (distribution, seed, generations, command, commit, date, wall
   time) is in the file. It reads no alignment feature: the online rule below aims at the
   greedy alignment (cosine 0), and controllers that learned a fixed point on the
-  alignment from small problems held MNIST's LR 6-10x below its best (README,
+  alignment from small problems held MNIST's LR 6x or more below its best (README,
   "Meta-training the controller", which also gives where it beats the blank start on the
   bench's workloads and where it does not);
 * ``"scratch"``: plan 2's blank start: the five features of :data:`PLAN2_FEATURES`,
